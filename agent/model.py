@@ -1,0 +1,254 @@
+"""The data that flows between tcpacct's stages, and the interfaces where I/O begins.
+
+Kernel side (decoded by ``agent.ebpf``): :class:`SocketSample` — one socket's cumulative
+counters as the kernel holds them. Accounting folds samples into per-label totals; enrichment
+turns a sample into :class:`ConnectionAttributes` (who is on each end); metric definitions
+turn attributes into label values.
+
+Nothing here does I/O or imports a third-party package.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+UNKNOWN = "unknown"
+
+
+class Role(enum.IntEnum):
+    """Which end of the connection a socket is (values shared with bpf/common.h)."""
+
+    UNKNOWN = 0
+    CLIENT = 1  # connect()ed: SYN_SENT -> ESTABLISHED
+    SERVER = 2  # accept()ed: SYN_RECV -> ESTABLISHED
+
+
+class SocketFlag(enum.IntFlag):
+    """Lifecycle facts the kernel recorded on a socket (values shared with bpf/common.h)."""
+
+    OPENED = 1  # the transition to ESTABLISHED was seen
+    CLOSED = 2  # the socket reached TCP_CLOSE (or was destroyed)
+    PREEXISTING = 4  # first seen moving bytes, not being established (older than the agent)
+    DESTROYED = 8  # tcp_destroy_sock: final, nothing more can move
+
+
+class ValueSource(enum.Enum):
+    """What a metric counts, in Istio's connection-bound direction."""
+
+    RECEIVED_BYTES = "connection.received.bytes"  # client -> server (requests)
+    SENT_BYTES = "connection.sent.bytes"  # server -> client (responses)
+    CONNECTIONS_OPENED = "connection.opened"
+    CONNECTIONS_CLOSED = "connection.closed"
+
+
+class Reporter(enum.Enum):
+    """Which end reports: Istio's ``reporter`` label."""
+
+    SOURCE = "source"  # the client end ("outbound" in Mixer's context.reporter.kind)
+    DESTINATION = "destination"  # the server end ("inbound")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An IP address (IPv4-mapped IPv6 already folded to IPv4) and a port."""
+
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        """``Endpoint("10.0.0.5", 22)`` -> ``"10.0.0.5:22"``; IPv6 -> ``"[2001:db8::1]:80"``."""
+        if ":" in self.address:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+
+def fold_address(address: str) -> str:
+    """Canonical text of an address, IPv4-mapped IPv6 folded to IPv4.
+
+    ``"::ffff:198.18.0.1"`` -> ``"198.18.0.1"``; ``"2001:DB8::0:1"`` -> ``"2001:db8::1"``.
+    """
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketSample:
+    """One TCP socket's cumulative counters and identity, as read from the kernel.
+
+    ``sent_bytes``/``received_bytes`` are what the local application wrote/read (return
+    values of its send/receive calls), counted since the agent first saw the socket.
+    ``socket_id`` is unique for the agent's lifetime (kernel ``struct sock`` addresses are
+    reused; ids are not).
+    """
+
+    socket_id: int
+    sent_bytes: int
+    received_bytes: int
+    local: Endpoint
+    remote: Endpoint
+    role: Role
+    flags: SocketFlag
+    netns: int = 0
+    pid: int = 0  # tgid of the process that owns/moved bytes on the socket, 0 if not known
+    comm: str = ""  # that task's name as the kernel saw it
+
+    @property
+    def client(self) -> Endpoint:
+        return self.remote if self.role is Role.SERVER else self.local
+
+    @property
+    def server(self) -> Endpoint:
+        return self.local if self.role is Role.SERVER else self.remote
+
+    @property
+    def reporter(self) -> Reporter:
+        return Reporter.DESTINATION if self.role is Role.SERVER else Reporter.SOURCE
+
+    @property
+    def connection_received_bytes(self) -> int:
+        """Client -> server bytes: a client's writes, a server's reads."""
+        return self.received_bytes if self.role is Role.SERVER else self.sent_bytes
+
+    @property
+    def connection_sent_bytes(self) -> int:
+        """Server -> client bytes: a server's writes, a client's reads."""
+        return self.sent_bytes if self.role is Role.SERVER else self.received_bytes
+
+    @property
+    def established(self) -> bool:
+        return bool(self.flags & (SocketFlag.OPENED | SocketFlag.PREEXISTING))
+
+
+@dataclass(frozen=True, slots=True)
+class KernelCounters:
+    """Counters the kernel keeps for what it could not attribute to a tracked socket.
+
+    ``untracked_*``: bytes on sockets that found the socket map full.
+    ``spilled_*``: final cumulative counts of sockets whose close record found the closed
+    map full (user space subtracts what it had already counted for them).
+    """
+
+    untracked_sent_bytes: int = 0
+    untracked_received_bytes: int = 0
+    untracked_sockets: int = 0
+    spilled_sent_bytes: int = 0
+    spilled_received_bytes: int = 0
+    spilled_sockets: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KernelPoll:
+    """One poll of the kernel: live sockets, sockets finished since the last poll, counters.
+
+    Read in this order (the accounting invariant depends on it): counters, live, finished.
+    """
+
+    counters: KernelCounters
+    live: tuple[SocketSample, ...]
+    finished: tuple[SocketSample, ...]
+
+
+class KernelReader(Protocol):
+    """The kernel side as the pipeline sees it (implemented by ``agent.ebpf``)."""
+
+    backend: str
+
+    def poll(self) -> KernelPoll: ...
+
+    def map_usage(self) -> Mapping[str, tuple[int, int]]:
+        """Map name -> (entries, capacity)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who is on one end of a connection. Every text field defaults to ``"unknown"``."""
+
+    workload: str = UNKNOWN
+    namespace: str = UNKNOWN
+    principal: str = UNKNOWN
+    app: str = UNKNOWN
+    version: str = UNKNOWN
+    canonical_service: str = UNKNOWN
+    canonical_revision: str = UNKNOWN
+    cluster: str = UNKNOWN
+    uid: str = UNKNOWN  # Istio's kubernetes://<pod>.<namespace>, or a process id locally
+    pod_name: str = UNKNOWN
+    ip: str = ""
+    port: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash((self.workload, self.namespace, self.uid, self.ip, self.port))
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceIdentity:
+    """The destination service of a connection (Istio's ``destination_service*``)."""
+
+    host: str = UNKNOWN  # FQDN, e.g. mongodb.default.svc.cluster.local
+    name: str = UNKNOWN
+    namespace: str = UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionAttributes:
+    """Everything known about one end's view of a connection, for metric definitions."""
+
+    reporter: Reporter
+    source: PeerIdentity
+    destination: PeerIdentity
+    service: ServiceIdentity = ServiceIdentity()
+    protocol: str = "tcp"
+
+
+class Enricher(Protocol):
+    """Turns a socket into connection attributes.
+
+    ``attributes`` returns ``None`` while an end cannot be resolved *yet* (the peer socket
+    or the pod is not known this poll); accounting then holds the socket's bytes back and
+    asks again next poll. With ``final=True`` it must answer, using "unknown" where needed.
+    """
+
+    def attributes(
+        self, sample: SocketSample, peers: PeerIndex, *, final: bool
+    ) -> ConnectionAttributes | None: ...
+
+
+class PeerIndex(Protocol):
+    """The other tracked sockets of this poll, to find the local peer of a connection."""
+
+    def peer_of(self, sample: SocketSample) -> SocketSample | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesKey:
+    """One exported series: metric name and its label values (in the definition's order)."""
+
+    metric: str
+    labels: tuple[str, ...]
+
+
+class MetricDefinition(Protocol):
+    """One metric: what it counts and how a connection maps to its label values."""
+
+    name: str
+    help: str
+    value: ValueSource
+    label_names: tuple[str, ...]
+
+    def evaluate(self, attributes: ConnectionAttributes) -> tuple[str, ...] | None:
+        """Label values for this connection, or ``None`` when the metric does not match."""
+        ...
+
+
+class MetricCatalogue(Protocol):
+    """The effective set of metric definitions (built-in plus configuration)."""
+
+    def definitions(self) -> Iterable[MetricDefinition]: ...
