@@ -1,0 +1,158 @@
+"""The three kernel backends: what each hooks, what it needs, and why it may not load here.
+
+All share bpf/common.h (maps and the lifecycle on raw tracepoints ``inet_sock_set_state`` and
+``tcp_destroy_sock``); they differ in how bytes are counted:
+
+========== ================================================ ===============================
+backend    send / receive hooks                              needs
+========== ================================================ ===============================
+tracepoint raw tp sock:sock_send_length / sock_recv_length   Linux >= 6.3
+fentry     fexit tcp_sendmsg / tcp_recvmsg (+ tcp_sendpage)  BTF and BPF trampolines
+kprobe     kprobe+kretprobe on the same functions            kprobes (CONFIG_KPROBES)
+========== ================================================ ===============================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.ebpf.btf import KIND_FUNC, KIND_TYPEDEF, Btf, BtfError
+
+BACKENDS = ("tracepoint", "fentry", "kprobe")
+LIFECYCLE_TRACEPOINTS = (
+    ("inet_sock_set_state", "on_set_state"),
+    ("tcp_destroy_sock", "on_destroy"),
+)
+
+
+class BackendUnavailable(Exception):
+    """A backend cannot run on this kernel; the message says what is missing."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        super().__init__(f"backend {backend}: {reason}")
+        self.backend = backend
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """One attachment: ``kind`` is raw_tracepoint, kprobe or kretprobe; fentry programs are
+    attached by bcc itself when the module loads (KRETFUNC_PROBE)."""
+
+    kind: str
+    target: str
+    function: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendPlan:
+    name: str
+    source: str  # file name in bpf/ (one file; the backend is a cflag)
+    cflags: tuple[str, ...] = ()
+    hooks: tuple[Hook, ...] = ()
+    attached_by_bcc: tuple[str, ...] = field(default=())  # kernel functions (fentry)
+
+
+def _has_tracepoint(btf: Btf, name: str) -> bool:
+    return btf.has(KIND_TYPEDEF, f"btf_trace_{name}")
+
+
+def _kernel_version(release: str) -> tuple[int, int]:
+    """``"6.1.0-56-amd64"`` -> ``(6, 1)``."""
+    major, minor = release.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _tcp_function_cflags(btf: Btf, release: str) -> tuple[list[str], bool]:
+    try:
+        arity = btf.function_arity("tcp_recvmsg")
+    except BtfError as error:
+        raise BackendUnavailable("fentry", f"tcp_recvmsg not in BTF ({error})") from error
+    if arity not in (4, 5, 6):
+        raise BackendUnavailable("fentry", f"tcp_recvmsg has {arity} parameters; expected 4-6")
+    cflags = [f"-DTCP_RECVMSG_ARITY={arity}"]
+    # Before 6.5 sendfile/splice reach TCP through tcp_sendpage, not tcp_sendmsg; from 6.5
+    # tcp_sendpage (while it exists) calls tcp_sendmsg, so hooking both would count twice.
+    sendpage = btf.has(KIND_FUNC, "tcp_sendpage") and _kernel_version(release) < (6, 5)
+    if sendpage:
+        cflags.append("-DHOOK_TCP_SENDPAGE=1")
+    return cflags, sendpage
+
+
+def plan_backend(
+    name: str,
+    btf: Btf,
+    *,
+    release: str,
+    sys_root: Path = Path("/sys"),
+) -> BackendPlan:
+    """What to compile and attach for a backend, or BackendUnavailable saying why not."""
+    lifecycle = tuple(Hook("raw_tracepoint", tp, fn) for tp, fn in LIFECYCLE_TRACEPOINTS)
+    for tracepoint, _ in LIFECYCLE_TRACEPOINTS:
+        if not _has_tracepoint(btf, tracepoint):
+            raise BackendUnavailable(name, f"tracepoint {tracepoint} is not in this kernel")
+    if name == "tracepoint":
+        for tracepoint in ("sock_send_length", "sock_recv_length"):
+            if not _has_tracepoint(btf, tracepoint):
+                raise BackendUnavailable(
+                    name,
+                    f"tracepoint sock:{tracepoint} is not in this kernel "
+                    f"({release}; it was added in Linux 6.3)",
+                )
+        return BackendPlan(
+            name,
+            "tcpacct.c",
+            ("-DBACKEND_TRACEPOINT=1",),
+            hooks=(
+                *lifecycle,
+                Hook("raw_tracepoint", "sock_send_length", "on_send"),
+                Hook("raw_tracepoint", "sock_recv_length", "on_receive"),
+            ),
+        )
+    if name == "fentry":
+        cflags, sendpage = _tcp_function_cflags(btf, release)
+        functions = ("tcp_sendmsg", "tcp_recvmsg", *(("tcp_sendpage",) if sendpage else ()))
+        return BackendPlan(name, "tcpacct.c", ("-DBACKEND_FENTRY=1", *cflags), lifecycle, functions)
+    if name == "kprobe":
+        kprobe_pmu = sys_root / "bus/event_source/devices/kprobe"
+        kprobe_events = [
+            sys_root / "kernel/tracing/kprobe_events",
+            sys_root / "kernel/debug/tracing/kprobe_events",
+        ]
+        if not kprobe_pmu.exists() and not any(p.exists() for p in kprobe_events):
+            raise BackendUnavailable(
+                name,
+                f"kprobes are not built into this kernel (no {kprobe_pmu} and no "
+                "kprobe_events in tracefs; needs CONFIG_KPROBES and CONFIG_KPROBE_EVENTS)",
+            )
+        cflags, sendpage = _tcp_function_cflags(btf, release)
+        functions = ("tcp_sendmsg", "tcp_recvmsg", *(("tcp_sendpage",) if sendpage else ()))
+        hooks = [*lifecycle]
+        for function in functions:
+            hooks.append(Hook("kprobe", function, f"enter_{function}"))
+            hooks.append(Hook("kretprobe", function, f"exit_{function}"))
+        return BackendPlan(name, "tcpacct.c", ("-DBACKEND_KPROBE=1", *cflags), tuple(hooks))
+    raise BackendUnavailable(name, f"unknown backend (choose from {', '.join(BACKENDS)})")
+
+
+def explain_load_error(backend: str, error: BaseException) -> str:
+    """A bcc exception -> what is missing, in words a user can act on.
+
+    ``explain_load_error("fentry", Exception("Failed to load BPF program b'kretfunc__...':
+    Permission denied"))`` -> ``"fentry/fexit programs were refused (EPERM) ..."``.
+    """
+    text = str(error)
+    if "Failed to compile" in text:
+        return f"the BPF program did not compile ({text}); see the compiler messages above"
+    refused = ("Permission denied", "Operation not permitted", "Need super-user")
+    if backend == "fentry" and any(word in text for word in refused):
+        return (
+            "fentry/fexit programs were refused by this kernel (EPERM: BPF trampolines are "
+            "unavailable or blocked, e.g. by lockdown)"
+        )
+    if "Operation not permitted" in text or "Permission denied" in text:
+        return f"the kernel refused to load BPF ({text}): run as root or with CAP_BPF+CAP_PERFMON"
+    if "raw tracepoint" in text:
+        return f"attaching a raw tracepoint failed ({text})"
+    return text

@@ -1,0 +1,106 @@
+"""Decoding the kernel's raw values (bpf/common.h) into :mod:`agent.model` types.
+
+The BPF side keeps raw bytes: addresses in 16-byte arrays, ports in network byte order, the
+task name as a NUL-padded char array. These small functions turn them into text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+from collections.abc import Sequence
+
+from agent.model import Endpoint, KernelCounters, Role, SocketFlag, SocketSample
+
+AF_INET = socket.AF_INET  # 2
+AF_INET6 = socket.AF_INET6  # 10
+
+# Indices of the `counters` per-CPU array (bpf/common.h C_*).
+C_UNTRACKED_SENT, C_UNTRACKED_RECEIVED, C_UNTRACKED_SOCKETS = 0, 1, 2
+C_SPILLED_SENT, C_SPILLED_RECEIVED, C_SPILLED_SOCKETS = 3, 4, 5
+C_COUNT = 6
+
+
+class SockInfo(ctypes.Structure):
+    """Mirror of ``struct sock_info`` (bpf/common.h), for fixtures and raw buffers."""
+
+    _fields_ = [
+        ("id", ctypes.c_uint64),
+        ("sent", ctypes.c_uint64),
+        ("received", ctypes.c_uint64),
+        ("local_addr", ctypes.c_uint8 * 16),
+        ("remote_addr", ctypes.c_uint8 * 16),
+        ("local_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+        ("family", ctypes.c_uint16),
+        ("role", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("netns", ctypes.c_uint32),
+        ("tgid", ctypes.c_uint32),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+def decode_address(family: int, raw: bytes) -> str:
+    """16 raw bytes -> address text, IPv4-mapped IPv6 folded to IPv4.
+
+    ``decode_address(2, b"\\xc6\\x12\\x00\\x01" + bytes(12))`` -> ``"198.18.0.1"``;
+    ``decode_address(10, bytes(10) + b"\\xff\\xff\\x7f\\x00\\x00\\x01")`` -> ``"127.0.0.1"``.
+    """
+    if family == AF_INET:
+        return str(ipaddress.IPv4Address(bytes(raw[:4])))
+    ip = ipaddress.IPv6Address(bytes(raw[:16]))
+    return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else str(ip)
+
+
+def decode_port(raw: int) -> int:
+    """A port as the kernel stores it (network byte order, read as a little-endian u16).
+
+    ``decode_port(0x5000)`` -> ``80``.
+    """
+    return socket.ntohs(raw)
+
+
+def encode_port(port: int) -> int:
+    """Inverse of :func:`decode_port`: ``encode_port(80)`` -> ``0x5000``."""
+    return socket.htons(port)
+
+
+def decode_comm(raw: bytes) -> str:
+    """``b"nginx\\x00..."`` -> ``"nginx"`` (task names are not guaranteed UTF-8)."""
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def decode_sample(info: SockInfo) -> SocketSample:
+    """A ``struct sock_info`` (bcc's generated type or :class:`SockInfo`) -> SocketSample."""
+    family = info.family
+    return SocketSample(
+        socket_id=info.id,
+        sent_bytes=info.sent,
+        received_bytes=info.received,
+        local=Endpoint(
+            decode_address(family, bytes(info.local_addr)), decode_port(info.local_port)
+        ),
+        remote=Endpoint(
+            decode_address(family, bytes(info.remote_addr)), decode_port(info.remote_port)
+        ),
+        role=Role(info.role) if info.role in (0, 1, 2) else Role.UNKNOWN,
+        flags=SocketFlag(info.flags & 0xF),
+        netns=info.netns,
+        pid=info.tgid,
+        comm=decode_comm(info.comm),
+    )
+
+
+def decode_counters(per_index_sums: Sequence[int]) -> KernelCounters:
+    """Sums over CPUs of the ``counters`` array, in C_* order -> KernelCounters."""
+    sums = list(per_index_sums) + [0] * (C_COUNT - len(per_index_sums))
+    return KernelCounters(
+        untracked_sent_bytes=sums[C_UNTRACKED_SENT],
+        untracked_received_bytes=sums[C_UNTRACKED_RECEIVED],
+        untracked_sockets=sums[C_UNTRACKED_SOCKETS],
+        spilled_sent_bytes=sums[C_SPILLED_SENT],
+        spilled_received_bytes=sums[C_SPILLED_RECEIVED],
+        spilled_sockets=sums[C_SPILLED_SOCKETS],
+    )

@@ -1,0 +1,328 @@
+"""Load, attach, read and detach the BPF programs: the only module that imports bcc.
+
+``open_tracer(...)`` picks a backend (the first of tracepoint, fentry, kprobe that loads and
+attaches, or the one forced), compiles bpf/<backend>.c with BTF offsets as cflags, attaches
+the lifecycle hooks, seeds the listening sockets, attaches the byte hooks and returns a
+:class:`KernelTracer` whose ``poll()`` reads counters, live sockets and finished sockets, in
+that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import struct
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.ebpf.backends import (
+    BACKENDS,
+    BackendPlan,
+    BackendUnavailable,
+    explain_load_error,
+    plan_backend,
+)
+from agent.ebpf.btf import Btf
+from agent.ebpf.decoding import (
+    C_COUNT,
+    SockInfo,
+    decode_comm,
+    decode_counters,
+    decode_sample,
+    encode_port,
+)
+from agent.ebpf.headers import apply_headers, choose_headers
+from agent.ebpf.offsets import kernel_layout
+from agent.model import KernelPoll, SocketFlag, SocketSample
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+SOCK_INFO_SIZE = ctypes.sizeof(SockInfo)  # 88
+# id, sent, received, (addresses…), role, flags, tgid as the cheap per-poll view of an entry.
+_ENTRY = struct.Struct("<QQQ32xHHHBBII16s")
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A listening socket at start: network namespace inode, port, owner process."""
+
+    netns: int
+    port: int
+    pid: int = 0
+    comm: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Capacities:
+    sockets: int = 65536
+    closed: int = 65536
+    listeners: int = 8192
+
+
+class _BatchReader:
+    """Reads a whole BPF hash map with BPF_MAP_LOOKUP[_AND_DELETE]_BATCH into buffers
+    allocated once (bcc's own helper allocates per call and aliases its batch token)."""
+
+    def __init__(self, lib: ctypes.CDLL, map_fd: int, key_size: int, capacity: int) -> None:
+        self._lib = lib
+        self._fd = map_fd
+        self._key_size = key_size
+        self._capacity = capacity
+        self._keys = (ctypes.c_uint8 * (key_size * capacity))()
+        self._values = (ctypes.c_uint8 * (SOCK_INFO_SIZE * capacity))()
+
+    def read(self, *, delete: bool) -> memoryview:
+        """Raw values of every entry (deleted as read when ``delete``)."""
+        call = self._lib.bpf_lookup_and_delete_batch if delete else self._lib.bpf_lookup_batch
+        in_token, out_token, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
+        total, first = 0, True
+        while total < self._capacity:
+            count.value = self._capacity - total
+            result = call(
+                self._fd,
+                None if first else ctypes.byref(in_token),
+                ctypes.byref(out_token),
+                ctypes.byref(self._keys, self._key_size * total),
+                ctypes.byref(self._values, SOCK_INFO_SIZE * total),
+                ctypes.byref(count),
+            )
+            error = ctypes.get_errno()
+            total += count.value
+            if result != 0:
+                if error == errno.ENOENT:
+                    break  # the whole map was read
+                if error == errno.ENOSPC and count.value == 0:
+                    break  # a bucket larger than the space left: the rest next poll
+                raise OSError(error, f"BPF map batch read failed: {os.strerror(error)}")
+            in_token.value, first = out_token.value, False
+        return memoryview(self._values)[: total * SOCK_INFO_SIZE]
+
+
+class KernelTracer:
+    """The attached programs and their maps (implements ``agent.model.KernelReader``)."""
+
+    def __init__(self, bpf: object, plan: BackendPlan, capacities: Capacities) -> None:
+        from bcc import libbcc
+
+        self._bpf = bpf
+        self.backend = plan.name
+        self.capacities = capacities
+        self._lock = threading.Lock()
+        self._closed = False
+        lib = libbcc.lib
+        self._socks = _BatchReader(lib, bpf["socks"].map_fd, 8, capacities.sockets)
+        self._finished = _BatchReader(lib, bpf["closed"].map_fd, 8, capacities.closed)
+        self._counters = bpf["counters"]
+        self._samples: dict[int, SocketSample] = {}  # id -> last decoded sample (live)
+        self._live_entries = 0
+
+    # -- reading -----------------------------------------------------------------------
+    def _decode(self, raw: memoryview, *, live: bool) -> list[SocketSample]:
+        samples: list[SocketSample] = []
+        cache = self._samples
+        fresh: dict[int, SocketSample] = {}
+        for offset in range(0, len(raw), SOCK_INFO_SIZE):
+            chunk = raw[offset : offset + SOCK_INFO_SIZE]
+            sid, sent, received, _lp, _rp, _fam, role, flags, _ns, tgid, _comm = _ENTRY.unpack_from(
+                chunk
+            )
+            known = cache.get(sid)
+            if (
+                known is not None
+                and known.sent_bytes == sent
+                and known.received_bytes == received
+                and known.flags == flags
+                and known.role == role
+                and known.pid == tgid
+            ):
+                sample = known
+            else:
+                sample = decode_sample(SockInfo.from_buffer_copy(chunk))
+            samples.append(sample)
+            if live:
+                fresh[sid] = sample
+        if live:
+            self._samples = fresh
+        return samples
+
+    def poll(self) -> KernelPoll:
+        """Counters, then live sockets, then sockets finished since the last poll."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("tracer is closed")
+            counters = decode_counters(
+                [int(self._counters.sum(ctypes.c_int(i)).value) for i in range(C_COUNT)]
+            )
+            live_raw = self._socks.read(delete=False)
+            live = self._decode(live_raw, live=True)
+            self._live_entries = len(live)
+            finished = self._decode(self._finished.read(delete=True), live=False)
+        return KernelPoll(counters=counters, live=tuple(live), finished=tuple(finished))
+
+    def map_usage(self) -> Mapping[str, tuple[int, int]]:
+        return {
+            "socks": (self._live_entries, self.capacities.sockets),
+            "closed": (0, self.capacities.closed),
+        }
+
+    # -- set-up and tear-down ----------------------------------------------------------
+    def seed_listeners(self, listeners: Iterable[Listener]) -> int:
+        table = self._bpf["listeners"]
+        seeded = 0
+        for listener in listeners:
+            key = table.Key()
+            key.netns = listener.netns
+            key.port = encode_port(listener.port)
+            value = table.Leaf()
+            value.tgid = listener.pid
+            value.comm = listener.comm.encode()[:15]
+            try:
+                table[key] = value
+                seeded += 1
+            except Exception:  # map full: roles of old connections fall back to client
+                log.warning("listener map full after %d listeners", seeded)
+                break
+        return seeded
+
+    def close(self) -> None:
+        """Detach every program and free the maps; safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._bpf.cleanup()
+
+
+def _compile(plan: BackendPlan, btf: Btf, capacities: Capacities, bpf_dir: Path) -> object:
+    from bcc import BPF
+
+    cflags = [
+        f"-I{bpf_dir}",
+        f"-DMAX_SOCKETS={capacities.sockets}",
+        f"-DMAX_CLOSED={capacities.closed}",
+        f"-DMAX_LISTENERS={capacities.listeners}",
+        *kernel_layout(btf).cflags(),
+        *plan.cflags,
+        "-Wno-macro-redefined",
+    ]
+    return BPF(src_file=str(bpf_dir / plan.source), cflags=cflags)
+
+
+def _attach(bpf: object, plan: BackendPlan, *, byte_hooks: bool) -> None:
+    from bcc import BPF
+
+    for hook in plan.hooks:
+        is_lifecycle = hook.target in ("inet_sock_set_state", "tcp_destroy_sock")
+        if is_lifecycle == byte_hooks:
+            continue
+        if hook.kind == "raw_tracepoint":
+            bpf.attach_raw_tracepoint(tp=hook.target, fn_name=hook.function)
+        elif hook.kind == "kprobe":
+            bpf.attach_kprobe(event=hook.target, fn_name=hook.function)
+        elif hook.kind == "kretprobe":
+            bpf.attach_kretprobe(event=hook.target, fn_name=hook.function, maxactive=64)
+        else:
+            raise ValueError(f"unknown hook kind {hook.kind}")
+    del BPF
+
+
+def open_tracer(
+    backend: str = "auto",
+    *,
+    btf_path: Path = Path("/sys/kernel/btf/vmlinux"),
+    capacities: Capacities = Capacities(),
+    listeners: Iterable[Listener] = (),
+    bpf_dir: Path = BPF_DIR,
+    sys_root: Path = Path("/sys"),
+    release: str | None = None,
+) -> KernelTracer:
+    """Load and attach a backend; ``"auto"`` takes the first of BACKENDS that works here.
+
+    Raises BackendUnavailable naming, for each backend tried, what is missing.
+    """
+    release = release or os.uname().release
+    btf = Btf.from_path(btf_path)
+    apply_headers(choose_headers(release))
+    candidates = BACKENDS if backend == "auto" else (backend,)
+    listeners = list(listeners)
+    reasons: list[str] = []
+    for name in candidates:
+        bpf = None
+        try:
+            plan = plan_backend(name, btf, release=release, sys_root=sys_root)
+            bpf = _compile(plan, btf, capacities, bpf_dir)
+            _attach(bpf, plan, byte_hooks=False)
+            tracer = KernelTracer(bpf, plan, capacities)
+            tracer.seed_listeners(listeners)
+            _attach(bpf, plan, byte_hooks=True)
+            log.info("backend %s attached (%s)", name, ", ".join(h.target for h in plan.hooks))
+            return tracer
+        except BackendUnavailable as error:
+            reasons.append(str(error))
+        except Exception as error:  # bcc raises bare Exception for load/attach failures
+            reasons.append(f"backend {name}: {explain_load_error(name, error)}")
+        if bpf is not None:
+            with contextlib.suppress(Exception):
+                bpf.cleanup()
+    if backend == "auto":
+        raise BackendUnavailable("auto", "no backend works here:\n  " + "\n  ".join(reasons))
+    raise BackendUnavailable(backend, reasons[0].split(": ", 1)[1] if reasons else "failed")
+
+
+def compile_only(
+    backend: str,
+    *,
+    btf_path: Path = Path("/sys/kernel/btf/vmlinux"),
+    bpf_dir: Path = BPF_DIR,
+    release: str | None = None,
+) -> str:
+    """Compile a backend's program without keeping it loaded (for `check` and tests).
+
+    Returns "loaded", or the reason loading (not compiling) failed; raises on a compile error.
+    fentry programs are loaded by bcc as part of compiling, so a refusal shows up here.
+    """
+    release = release or os.uname().release
+    btf = Btf.from_path(btf_path)
+    apply_headers(choose_headers(release))
+    plan = (
+        plan_backend(backend, btf, release=release, sys_root=Path("/nonexistent-sys"))
+        if backend != "kprobe"
+        else _kprobe_plan_for_compile(btf, release)
+    )
+    try:
+        bpf = _compile(plan, btf, Capacities(sockets=1024, closed=1024, listeners=64), bpf_dir)
+    except Exception as error:
+        if "Failed to compile" in str(error):
+            raise
+        return explain_load_error(backend, error)
+    bpf.cleanup()
+    return "loaded"
+
+
+def _kprobe_plan_for_compile(btf: Btf, release: str) -> BackendPlan:
+    """The kprobe plan without the 'kprobes present' check (compiling needs none)."""
+    fake_sys = Path("/")
+    try:
+        return plan_backend("kprobe", btf, release=release, sys_root=fake_sys / "sys")
+    except BackendUnavailable:
+        from agent.ebpf.backends import _tcp_function_cflags
+
+        cflags, _ = _tcp_function_cflags(btf, release)
+        return BackendPlan("kprobe", "tcpacct.c", ("-DBACKEND_KPROBE=1", *cflags))
+
+
+__all__ = [
+    "Capacities",
+    "KernelTracer",
+    "Listener",
+    "SocketFlag",
+    "compile_only",
+    "decode_comm",
+    "open_tracer",
+]

@@ -1,0 +1,470 @@
+#if defined(BACKEND_KPROBE)
+#include <uapi/linux/ptrace.h>
+#endif
+#if defined(BACKEND_TRACEPOINT)
+#define CHECK_PROTOCOL 1
+#endif
+
+// tcpacct — one BPF program, three backends chosen by cflag (-DBACKEND_TRACEPOINT,
+// -DBACKEND_FENTRY or -DBACKEND_KPROBE). It is one file because bcc rewrites map calls only
+// in the main file. Shared: the maps, reading a socket's identity, the per-socket counters,
+// and the lifecycle (raw tracepoints sock:inet_sock_set_state, tcp:tcp_destroy_sock).
+//
+// The kernel counts; user space names things. Values hold raw addresses, ports in network
+// byte order, ids and counters. Struct offsets come from the running kernel's BTF and
+// arrive as -D cflags (agent/ebpf/offsets.py); no kernel struct layout is taken from headers.
+//
+// Required cflags: MAX_SOCKETS, MAX_CLOSED, MAX_LISTENERS, OFF_SKC_DADDR, OFF_SKC_RCV_SADDR,
+// OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR,
+// OFF_SK_PROTOCOL, OFF_INET_SPORT, OFF_NET_NS_INUM.
+//
+// Invariant: no byte counted here is lost or counted twice. A socket's entry lives in
+// `socks` (keyed by its struct sock address) from first sight until tcp_destroy_sock, when
+// it is removed and its final counts move to `closed` (keyed by its unique id) for user
+// space to drain. If `closed` is full, the final counts go to the SPILLED counters; if
+// `socks` is full, bytes go to the UNTRACKED counters. Nothing is dropped silently.
+
+#define TCPACCT_AF_INET 2
+#define TCPACCT_AF_INET6 10
+#define TCPACCT_IPPROTO_TCP 6
+#define TCPACCT_MSG_PEEK 0x2
+#define TCPACCT_MSG_ERRQUEUE 0x2000
+
+#define TCP_ESTABLISHED_ 1
+#define TCP_SYN_SENT_ 2
+#define TCP_SYN_RECV_ 3
+#define TCP_CLOSE_ 7
+#define TCP_LISTEN_ 10
+
+// Shared with agent/model.py (Role, SocketFlag).
+#define ROLE_UNKNOWN 0
+#define ROLE_CLIENT 1
+#define ROLE_SERVER 2
+#define F_OPENED 1
+#define F_CLOSED 2
+#define F_PREEXISTING 4
+#define F_DESTROYED 8
+
+// Indices of `counters`, shared with agent/ebpf/decoding.py.
+#define C_UNTRACKED_SENT 0
+#define C_UNTRACKED_RECEIVED 1
+#define C_UNTRACKED_SOCKETS 2
+#define C_SPILLED_SENT 3
+#define C_SPILLED_RECEIVED 4
+#define C_SPILLED_SOCKETS 5
+#define C_COUNT 6
+
+#define DIR_SENT 0
+#define DIR_RECEIVED 1
+
+struct sock_info {
+    u64 id;            // unique for the agent's lifetime; struct sock addresses are reused
+    u64 sent;          // bytes the local application wrote (return values)
+    u64 received;      // bytes the local application read (not MSG_PEEK)
+    u8 local_addr[16]; // IPv4 in the first 4 bytes when family == AF_INET
+    u8 remote_addr[16];
+    u16 local_port;    // network byte order
+    u16 remote_port;   // network byte order
+    u16 family;
+    u8 role;
+    u8 flags;
+    u32 netns;         // network namespace inode number
+    u32 tgid;          // process that connected/listened/moved bytes, 0 until known
+    char comm[16];
+};
+
+struct listener_key {
+    u32 netns;
+    u16 port;          // network byte order
+    u16 pad;
+};
+
+struct process_info {
+    u32 tgid;
+    char comm[16];
+};
+
+BPF_HASH(socks, u64, struct sock_info, MAX_SOCKETS);
+BPF_HASH(closed, u64, struct sock_info, MAX_CLOSED);
+BPF_HASH(listeners, struct listener_key, struct process_info, MAX_LISTENERS);
+BPF_PERCPU_ARRAY(counters, u64, C_COUNT);
+BPF_ARRAY(next_id, u64, 1);
+
+static __always_inline void count(u32 index, u64 value)
+{
+    u64 *counter = counters.lookup(&index);
+    if (counter)
+        __sync_fetch_and_add(counter, value); // a softirq may interrupt us on this CPU
+}
+
+static __always_inline u16 sock_protocol(void *sk)
+{
+    u16 protocol = 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + OFF_SK_PROTOCOL);
+    return protocol;
+}
+
+static __always_inline u32 sock_netns(void *sk)
+{
+    void *net = NULL;
+    u32 inum = 0;
+    bpf_probe_read_kernel(&net, sizeof(net), sk + OFF_SKC_NET);
+    if (net)
+        bpf_probe_read_kernel(&inum, sizeof(inum), net + OFF_NET_NS_INUM);
+    return inum;
+}
+
+static __always_inline u16 sock_local_port(void *sk)
+{
+    // inet_sport, not skc_num: the kernel zeroes skc_num once the socket is in TCP_CLOSE.
+    u16 port = 0;
+    bpf_probe_read_kernel(&port, sizeof(port), sk + OFF_INET_SPORT);
+    return port;
+}
+
+static __always_inline void read_identity(void *sk, struct sock_info *info)
+{
+    u16 family = 0;
+    bpf_probe_read_kernel(&family, sizeof(family), sk + OFF_SKC_FAMILY);
+    info->family = family;
+    bpf_probe_read_kernel(&info->remote_port, sizeof(u16), sk + OFF_SKC_DPORT);
+    info->local_port = sock_local_port(sk);
+    if (family == TCPACCT_AF_INET6) {
+        bpf_probe_read_kernel(info->local_addr, 16, sk + OFF_SKC_V6_RCV_SADDR);
+        bpf_probe_read_kernel(info->remote_addr, 16, sk + OFF_SKC_V6_DADDR);
+    } else {
+        bpf_probe_read_kernel(info->local_addr, 4, sk + OFF_SKC_RCV_SADDR);
+        bpf_probe_read_kernel(info->remote_addr, 4, sk + OFF_SKC_DADDR);
+    }
+    info->netns = sock_netns(sk);
+}
+
+static __always_inline void set_current_process(struct sock_info *info)
+{
+    info->tgid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(info->comm, sizeof(info->comm));
+}
+
+static __always_inline struct process_info *listener_of(void *sk)
+{
+    struct listener_key key = {};
+    key.netns = sock_netns(sk);
+    key.port = sock_local_port(sk);
+    return listeners.lookup(&key);
+}
+
+// Start tracking a socket. Returns its entry, or NULL when the map is full.
+static __always_inline struct sock_info *track(void *sk, u8 role, u8 flags)
+{
+    int zero = 0;
+    u64 *last_id = next_id.lookup(&zero);
+    if (!last_id)
+        return NULL;
+    struct sock_info info = {};
+    info.id = __sync_fetch_and_add(last_id, 1) + 1;
+    info.role = role;
+    info.flags = flags;
+    read_identity(sk, &info);
+    u64 key = (u64)sk;
+    if (socks.insert(&key, &info) != 0) {
+        struct sock_info *raced = socks.lookup(&key); // created on another CPU meanwhile
+        if (!raced)
+            count(C_UNTRACKED_SOCKETS, 1);
+        return raced;
+    }
+    return socks.lookup(&key);
+}
+
+// The socket is finished: its entry leaves `socks` first, then its final counts enter
+// `closed`. In that order user space can never see the same id live after draining it.
+static __always_inline void retire(u64 key, struct sock_info *entry)
+{
+    struct sock_info final = {};
+    __builtin_memcpy(&final, entry, sizeof(final));
+    final.flags |= F_CLOSED | F_DESTROYED;
+    socks.delete(&key);
+    if (closed.insert(&final.id, &final) != 0) {
+        count(C_SPILLED_SENT, final.sent);
+        count(C_SPILLED_RECEIVED, final.received);
+        count(C_SPILLED_SOCKETS, 1);
+    }
+}
+
+// The hot path: one map lookup when the socket is tracked.
+static __always_inline void count_bytes(void *sk, u64 bytes, int direction)
+{
+    u64 key = (u64)sk;
+    struct sock_info *entry = socks.lookup(&key);
+    if (!entry) {
+#ifdef CHECK_PROTOCOL
+        // Socket tracepoints fire for every family; read the socket only on a miss.
+        if (sock_protocol(sk) != TCPACCT_IPPROTO_TCP)
+            return;
+        u16 family = 0;
+        bpf_probe_read_kernel(&family, sizeof(family), sk + OFF_SKC_FAMILY);
+        if (family != TCPACCT_AF_INET && family != TCPACCT_AF_INET6)
+            return;
+#endif
+        // Older than the agent (or bytes before ESTABLISHED, as with TCP Fast Open):
+        // a local listener on its port makes it the server end.
+        u8 role = listener_of(sk) ? ROLE_SERVER : ROLE_CLIENT;
+        entry = track(sk, role, F_PREEXISTING);
+        if (!entry) {
+            count(direction == DIR_SENT ? C_UNTRACKED_SENT : C_UNTRACKED_RECEIVED, bytes);
+            return;
+        }
+    }
+    if (!entry->tgid)
+        set_current_process(entry);
+    if (direction == DIR_SENT)
+        __sync_fetch_and_add(&entry->sent, bytes);
+    else
+        __sync_fetch_and_add(&entry->received, bytes);
+}
+
+// raw tracepoint sock:inet_sock_set_state(const struct sock *sk, int oldstate, int newstate).
+// bcc makes programs only of functions in the main file: each backend defines
+// on_set_state/on_destroy as one-line calls of these.
+static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
+{
+    void *sk = (void *)ctx->args[0];
+    int oldstate = (int)ctx->args[1];
+    int newstate = (int)ctx->args[2];
+    if (sock_protocol(sk) != TCPACCT_IPPROTO_TCP)
+        return 0;
+    u64 key = (u64)sk;
+
+    if (newstate == TCP_LISTEN_) { // listen(): process context
+        struct listener_key lkey = {};
+        lkey.netns = sock_netns(sk);
+        lkey.port = sock_local_port(sk);
+        struct process_info owner = {};
+        owner.tgid = bpf_get_current_pid_tgid() >> 32;
+        bpf_get_current_comm(owner.comm, sizeof(owner.comm));
+        listeners.update(&lkey, &owner);
+        return 0;
+    }
+    if (oldstate == TCP_LISTEN_) {
+        // LISTEN -> SYN_RECV is a new child (a copy of the listener), not the listener.
+        if (newstate == TCP_CLOSE_) {
+            struct listener_key lkey = {};
+            lkey.netns = sock_netns(sk);
+            lkey.port = sock_local_port(sk);
+            listeners.delete(&lkey);
+        }
+        return 0;
+    }
+
+    struct sock_info *entry = socks.lookup(&key);
+    if (newstate == TCP_SYN_SENT_) { // connect(): process context
+        if (entry && (entry->flags & (F_OPENED | F_PREEXISTING))) {
+            retire(key, entry); // reconnect after a disconnect: a new connection
+            entry = NULL;
+        }
+        if (!entry)
+            entry = track(sk, ROLE_CLIENT, 0);
+        if (entry) {
+            entry->flags &= ~F_CLOSED; // a failed attempt before this one
+            if (!entry->tgid)
+                set_current_process(entry);
+        }
+        return 0;
+    }
+    if (newstate == TCP_ESTABLISHED_) {
+        u8 role = oldstate == TCP_SYN_SENT_ ? ROLE_CLIENT : ROLE_SERVER;
+        if (!entry) {
+            entry = track(sk, role, F_OPENED);
+        } else {
+            read_identity(sk, entry); // the local port was not chosen yet at SYN_SENT
+            if (entry->role == ROLE_UNKNOWN)
+                entry->role = role;
+            entry->flags |= F_OPENED;
+        }
+        if (entry && !entry->tgid && role == ROLE_SERVER) {
+            struct process_info *owner = listener_of(sk);
+            if (owner) {
+                entry->tgid = owner->tgid;
+                __builtin_memcpy(entry->comm, owner->comm, sizeof(entry->comm));
+            }
+        }
+        return 0;
+    }
+    if (newstate == TCP_CLOSE_ && entry)
+        entry->flags |= F_CLOSED;
+    return 0;
+}
+
+// raw tracepoint tcp:tcp_destroy_sock(struct sock *sk): nothing can move after this.
+static __always_inline int handle_destroy(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 key = ctx->args[0];
+    struct sock_info *entry = socks.lookup(&key);
+    if (entry)
+        retire(key, entry);
+    return 0;
+}
+
+int on_set_state(struct bpf_raw_tracepoint_args *ctx)
+{
+    return handle_set_state(ctx);
+}
+
+int on_destroy(struct bpf_raw_tracepoint_args *ctx)
+{
+    return handle_destroy(ctx);
+}
+
+#if defined(BACKEND_TRACEPOINT)
+// tcpacct backend "tracepoint": raw tracepoints sock:sock_send_length and
+// sock:sock_recv_length (Linux >= 6.3). They fire in sock_sendmsg/sock_recvmsg after the
+// protocol returned, with the return value: bytes the application actually moved. They
+// fire for every socket family, so a miss in `socks` checks the protocol (CHECK_PROTOCOL).
+
+// sock_send_length(struct sock *sk, int ret, int flags)
+int on_send(struct bpf_raw_tracepoint_args *ctx)
+{
+    int ret = (int)ctx->args[1];
+    if (ret <= 0)
+        return 0;
+    count_bytes((void *)ctx->args[0], ret, DIR_SENT);
+    return 0;
+}
+
+// sock_recv_length(struct sock *sk, int ret, int flags)
+int on_receive(struct bpf_raw_tracepoint_args *ctx)
+{
+    int ret = (int)ctx->args[1];
+    int flags = (int)ctx->args[2];
+    if (ret <= 0 || (flags & (TCPACCT_MSG_PEEK | TCPACCT_MSG_ERRQUEUE)))
+        return 0;
+    count_bytes((void *)ctx->args[0], ret, DIR_RECEIVED);
+    return 0;
+}
+#endif
+
+#if defined(BACKEND_FENTRY)
+// tcpacct backend "fentry": fexit programs on tcp_sendmsg and tcp_recvmsg (BTF, Linux >= 5.5
+// with BPF trampolines). Counted by return value — never by the size argument — so partial
+// and failed writes count what really moved. tcp_recvmsg is used rather than
+// tcp_cleanup_rbuf, whose copied argument is a running total within one receive call.
+// Extra cflags: TCP_RECVMSG_ARITY (4, 5 or 6: the signature changed in 5.19 and 6.x),
+// HOOK_TCP_SENDPAGE (kernels < 6.5, where sendfile/splice go through tcp_sendpage).
+
+struct sock;
+struct msghdr;
+struct page;
+
+KRETFUNC_PROBE(tcp_sendmsg, struct sock *sk, struct msghdr *msg, size_t size, int ret)
+{
+    if (ret > 0)
+        count_bytes((void *)sk, ret, DIR_SENT);
+    return 0;
+}
+
+#if TCP_RECVMSG_ARITY == 6
+KRETFUNC_PROBE(tcp_recvmsg, struct sock *sk, struct msghdr *msg, size_t len, int nonblock,
+               int flags, int *addr_len, int ret)
+#elif TCP_RECVMSG_ARITY == 5
+KRETFUNC_PROBE(tcp_recvmsg, struct sock *sk, struct msghdr *msg, size_t len, int flags,
+               int *addr_len, int ret)
+#else
+KRETFUNC_PROBE(tcp_recvmsg, struct sock *sk, struct msghdr *msg, size_t len, int flags,
+               int ret)
+#endif
+{
+    if (ret > 0 && !(flags & (TCPACCT_MSG_PEEK | TCPACCT_MSG_ERRQUEUE)))
+        count_bytes((void *)sk, ret, DIR_RECEIVED);
+    return 0;
+}
+
+#ifdef HOOK_TCP_SENDPAGE
+KRETFUNC_PROBE(tcp_sendpage, struct sock *sk, struct page *page, int offset, size_t size,
+               int flags, int ret)
+{
+    if (ret > 0)
+        count_bytes((void *)sk, ret, DIR_SENT);
+    return 0;
+}
+#endif
+#endif
+
+#if defined(BACKEND_KPROBE)
+// tcpacct backend "kprobe": kprobe + kretprobe pairs on tcp_sendmsg, tcp_recvmsg (and
+// tcp_sendpage before 6.5), for kernels with kprobes but no BPF trampolines. The entry
+// probe remembers the socket (and receive flags) per thread; the return probe counts the
+// return value. Extra cflags as fentry.c.
+
+struct pending_call {
+    u64 sk;
+    int flags;
+    int pad;
+};
+
+BPF_HASH(pending_send, u64, struct pending_call, 16384);
+BPF_HASH(pending_receive, u64, struct pending_call, 16384);
+
+// bcc maps are not passed by pointer; these expand per map.
+#define REMEMBER(calls, sk_value, flags_value)                       \
+    do {                                                             \
+        u64 thread = bpf_get_current_pid_tgid();                     \
+        struct pending_call call = {};                               \
+        call.sk = (sk_value);                                        \
+        call.flags = (flags_value);                                  \
+        calls.update(&thread, &call);                                \
+    } while (0)
+
+#define FINISH(calls, ctx, direction)                                \
+    do {                                                             \
+        u64 thread = bpf_get_current_pid_tgid();                     \
+        struct pending_call *call = calls.lookup(&thread);           \
+        if (!call)                                                   \
+            return 0;                                                \
+        u64 sk = call->sk;                                           \
+        int flags = call->flags;                                     \
+        calls.delete(&thread);                                       \
+        int ret = PT_REGS_RC(ctx);                                   \
+        if (ret > 0 && !(flags & (TCPACCT_MSG_PEEK | TCPACCT_MSG_ERRQUEUE))) \
+            count_bytes((void *)sk, ret, direction);                 \
+        return 0;                                                    \
+    } while (0)
+
+int enter_tcp_sendmsg(struct pt_regs *ctx)
+{
+    REMEMBER(pending_send, PT_REGS_PARM1(ctx), 0);
+    return 0;
+}
+
+int exit_tcp_sendmsg(struct pt_regs *ctx)
+{
+    FINISH(pending_send, ctx, DIR_SENT);
+}
+
+int enter_tcp_recvmsg(struct pt_regs *ctx)
+{
+#if TCP_RECVMSG_ARITY == 6
+    int flags = PT_REGS_PARM5(ctx);
+#else
+    int flags = PT_REGS_PARM4(ctx);
+#endif
+    REMEMBER(pending_receive, PT_REGS_PARM1(ctx), flags);
+    return 0;
+}
+
+int exit_tcp_recvmsg(struct pt_regs *ctx)
+{
+    FINISH(pending_receive, ctx, DIR_RECEIVED);
+}
+
+#ifdef HOOK_TCP_SENDPAGE
+int enter_tcp_sendpage(struct pt_regs *ctx)
+{
+    REMEMBER(pending_send, PT_REGS_PARM1(ctx), 0);
+    return 0;
+}
+
+int exit_tcp_sendpage(struct pt_regs *ctx)
+{
+    FINISH(pending_send, ctx, DIR_SENT);
+}
+#endif
+#endif
