@@ -1,0 +1,174 @@
+"""The effective set of metric definitions: the built-ins plus every configuration file.
+
+    catalogue = load_catalogue([Path("tcp-metrics.yaml")])
+    [d.name for d in catalogue.definitions()]
+    -> ["istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total",
+        "istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
+        "istio_mongo_received_bytes", "istio_mongo_sent_bytes"]
+
+A file may hold tcpacct's native documents and Istio ``config.istio.io/v1alpha2`` objects
+side by side; Istio references are resolved across all files. Anything wrong anywhere makes
+``load_catalogue`` raise :class:`ConfigError` listing every problem (a reload then keeps
+the old catalogue); ``validate_files`` returns the problems instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checking import FileChecker
+from .definitions import CompiledMetric
+from .documents import DocumentError, Located, read_documents
+from .mixer import MixerObjects, collect, is_mixer_document, resolve
+from .native import BuiltinSwitches, read_native
+from .problems import ConfigError, ConfigProblem
+
+log = logging.getLogger(__name__)
+
+BUILTIN_FILE = "builtin.yaml"
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The metric definitions in effect (``agent.model.MetricCatalogue``)."""
+
+    metrics: tuple[CompiledMetric, ...]
+    files: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def definitions(self) -> tuple[CompiledMetric, ...]:
+        return self.metrics
+
+    def __iter__(self) -> Iterator[CompiledMetric]:
+        return iter(self.metrics)
+
+    def get(self, name: str) -> CompiledMetric | None:
+        return next((metric for metric in self.metrics if metric.name == name), None)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [metric.describe() for metric in self.metrics]
+
+
+def _load_builtins() -> list[CompiledMetric]:
+    text = resources.files(__package__).joinpath(BUILTIN_FILE).read_text(encoding="utf-8")
+    checker = FileChecker(f"<built-in {BUILTIN_FILE}>")
+    documents = read_documents(Path(checker.file), text)
+    metrics: list[CompiledMetric] = []
+    for document in documents:
+        if document is not None:
+            metrics += read_native(checker, document, BuiltinSwitches(), {})
+    if checker.problems:  # a defect of the package itself, not of the user's configuration
+        raise ConfigError(checker.problems)
+    return metrics
+
+
+_BUILTINS: list[CompiledMetric] | None = None
+
+
+def builtin_metrics() -> list[CompiledMetric]:
+    """The four standard ``istio_tcp_*`` metrics, compiled once per process."""
+    global _BUILTINS
+    if _BUILTINS is None:
+        _BUILTINS = _load_builtins()
+    return list(_BUILTINS)
+
+
+def _read_files(paths: Sequence[Path]) -> tuple[list[CompiledMetric], list[ConfigProblem],
+                                                list[str]]:
+    builtins = builtin_metrics()
+    builtin_labels = {metric.name: metric.label_names for metric in builtins}
+    switches = BuiltinSwitches()
+    mixer = MixerObjects()
+    checkers: list[FileChecker] = []
+    problems: list[ConfigProblem] = []
+    native: list[CompiledMetric] = []
+    for path in paths:
+        checker = FileChecker(str(path))
+        checkers.append(checker)
+        try:
+            documents = read_documents(Path(path))
+        except DocumentError as error:
+            problems.append(error.problem)
+            continue
+        if all(document is None or document.value is None for document in documents):
+            checker.problem(None, "", "empty file: no metric definitions or Istio objects")
+            continue
+        for document in documents:
+            if document is None or document.value is None:
+                continue
+            _read_document(checker, document, switches, builtin_labels, mixer, native)
+    from_mixer = resolve(mixer)
+    for checker in checkers:
+        problems += checker.problems
+    metrics = switches.apply(builtins) + native + from_mixer
+    problems += _duplicates(metrics)
+    return metrics, problems, mixer.warnings
+
+
+def _read_document(checker: FileChecker, document: Located, switches: BuiltinSwitches,
+                   builtin_labels: dict[str, tuple[str, ...]], mixer: MixerObjects,
+                   native: list[CompiledMetric]) -> None:
+    fields = checker.mapping(document, "", "a YAML document")
+    if fields is None:
+        return
+    if is_mixer_document(fields):
+        collect(mixer, checker, document, fields)
+    elif "apiVersion" in fields or "kind" in fields:
+        api = fields.get("apiVersion")
+        kind = fields.get("kind")
+        mixer.warn(checker, document, f"ignoring {kind.value if kind else '?'} "
+                   f"({api.value if api else 'no apiVersion'}): neither a tcpacct "
+                   "configuration nor a config.istio.io object")
+    else:
+        native.extend(read_native(checker, document, switches, builtin_labels))
+
+
+def _duplicates(metrics: list[CompiledMetric]) -> list[ConfigProblem]:
+    """One problem per metric whose name an earlier one took already."""
+    seen: dict[str, CompiledMetric] = {}
+    problems = []
+    for metric in metrics:
+        first = seen.setdefault(metric.name, metric)
+        if first is not metric:
+            problems.append(ConfigProblem(
+                metric.origin.file, metric.origin.object, metric.origin.line, 0,
+                f"two metrics named {metric.name!r}: this one and the one at {first.origin}",
+            ))
+    return problems
+
+
+def validate_files(paths: Sequence[Path]) -> list[ConfigProblem]:
+    """Every problem of these files taken together (empty when they load)."""
+    return _read_files(paths)[1]
+
+
+def load_catalogue(paths: Sequence[Path]) -> Catalogue:
+    """Built-ins plus ``paths``; :class:`ConfigError` with every problem if any."""
+    metrics, problems, warnings = _read_files(paths)
+    if problems:
+        raise ConfigError(problems)
+    return Catalogue(tuple(metrics), tuple(str(path) for path in paths), tuple(warnings))
+
+
+def render(catalogue: Catalogue) -> str:
+    """YAML of the effective definitions, stable for ``tcpacct config show``::
+
+        metrics:
+        - name: istio_mongo_received_bytes
+          help: ...
+          kind: counter
+          value: connection.received.bytes
+          reporters: [destination]
+          match: (context.protocol == "tcp" && ...) && (...) == "default"
+          dimensions: {source_service: source.workload.name | "unknown", ...}
+          origin: tcp-metrics.yaml:40 (handler default/mongohandler via rule default/mongoprom)
+    """
+    return yaml.safe_dump({"metrics": catalogue.describe()}, sort_keys=False,
+                          default_flow_style=False, allow_unicode=True, width=100)
