@@ -30,6 +30,7 @@ class Role(enum.IntEnum):
 class SocketFlag(enum.IntFlag):
     """Lifecycle facts the kernel recorded on a socket (values shared with bpf/common.h)."""
 
+    NONE = 0
     OPENED = 1  # the transition to ESTABLISHED was seen
     CLOSED = 2  # the socket reached TCP_CLOSE (or was destroyed)
     PREEXISTING = 4  # first seen moving bytes, not being established (older than the agent)
@@ -152,6 +153,16 @@ class KernelPoll:
     counters: KernelCounters
     live: tuple[SocketSample, ...]
     finished: tuple[SocketSample, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListeningSocket:
+    """A listening TCP socket found at start (seeds the kernel's role and owner lookups)."""
+
+    netns: int
+    port: int
+    pid: int = 0
+    comm: str = ""
 
 
 class KernelReader(Protocol):

@@ -38,7 +38,7 @@ from agent.ebpf.decoding import (
 )
 from agent.ebpf.headers import apply_headers, choose_headers
 from agent.ebpf.offsets import kernel_layout
-from agent.model import KernelPoll, SocketFlag, SocketSample
+from agent.model import KernelPoll, ListeningSocket, SocketSample
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,6 @@ BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOCK_INFO_SIZE = ctypes.sizeof(SockInfo)  # 88
 # id, sent, received, (addresses…), role, flags, tgid as the cheap per-poll view of an entry.
 _ENTRY = struct.Struct("<QQQ32xHHHBBII16s")
-
-
-@dataclass(frozen=True, slots=True)
-class Listener:
-    """A listening socket at start: network namespace inode, port, owner process."""
-
-    netns: int
-    port: int
-    pid: int = 0
-    comm: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +162,7 @@ class KernelTracer:
         }
 
     # -- set-up and tear-down ----------------------------------------------------------
-    def seed_listeners(self, listeners: Iterable[Listener]) -> int:
+    def seed_listeners(self, listeners: Iterable[ListeningSocket]) -> int:
         table = self._bpf["listeners"]
         seeded = 0
         for listener in listeners:
@@ -237,7 +227,7 @@ def open_tracer(
     *,
     btf_path: Path = Path("/sys/kernel/btf/vmlinux"),
     capacities: Capacities = Capacities(),
-    listeners: Iterable[Listener] = (),
+    listeners: Iterable[ListeningSocket] = (),
     bpf_dir: Path = BPF_DIR,
     sys_root: Path = Path("/sys"),
     release: str | None = None,
@@ -320,8 +310,6 @@ def _kprobe_plan_for_compile(btf: Btf, release: str) -> BackendPlan:
 __all__ = [
     "Capacities",
     "KernelTracer",
-    "Listener",
-    "SocketFlag",
     "compile_only",
     "decode_comm",
     "open_tracer",

@@ -1,0 +1,318 @@
+"""Per-socket cumulative counts -> monotonic per-series totals.
+
+Each poll brings every live socket's cumulative counters and the final counters of sockets
+finished since the last poll. For each socket the accountant keeps the last cumulative value
+it counted, adds the difference to the series the connection belongs to, and forgets the
+socket after its final read (style.md #5). Totals only grow: a closed socket's bytes stay
+counted.
+
+Invariants (tested in tests/unit/test_accounting.py and, against the kernel, in
+tests/privileged):
+
+- every byte the kernel counted is added exactly once, to the series of its connection, or
+  to ``unattributed`` when the kernel could not keep the socket;
+- a socket that cannot be named yet (its peer or pod not known this poll) is held back, not
+  dropped: its counters are cumulative, so the next poll adds everything since the last one;
+- a socket the kernel had to spill (closed map full) vanishes from both maps; after two polls
+  it is declared spilled and what was already counted for it is subtracted from the kernel's
+  spilled total, leaving exactly the uncounted rest as unattributed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from agent.model import (
+    ConnectionAttributes,
+    Endpoint,
+    Enricher,
+    KernelPoll,
+    MetricCatalogue,
+    MetricDefinition,
+    Role,
+    SeriesKey,
+    SocketFlag,
+    SocketSample,
+    ValueSource,
+)
+
+MISSING_POLLS_BEFORE_SPILLED = 2
+TOMBSTONE_POLLS = 16
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """What the accountant remembers of one socket."""
+
+    sent: int = 0  # last cumulative counts added to totals
+    received: int = 0
+    flags: SocketFlag = SocketFlag.NONE
+    role: Role = Role.UNKNOWN
+    opened_counted: bool = False
+    closed_counted: bool = False
+    series: tuple[tuple[SeriesKey, ValueSource], ...] | None = None
+    attributes: ConnectionAttributes | None = None
+    waited: int = 0  # polls held back waiting for a name
+    missing: int = 0  # consecutive polls absent from both maps
+
+
+@dataclass(frozen=True, slots=True)
+class FamilySnapshot:
+    """One metric's series at a moment: what the exporter turns into a metric family."""
+
+    name: str
+    help: str
+    label_names: tuple[str, ...]
+    samples: dict[tuple[str, ...], int]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountingStats:
+    tracked_sockets: int
+    held_back_sockets: int
+    unattributed_sent_bytes: int
+    unattributed_received_bytes: int
+    untracked_sockets: int
+    spilled_sockets: int
+    series: int
+
+
+class _Peers:
+    """Sockets of this poll by (local, remote), to find the other end of a local connection.
+
+    ``peer_of(client 127.0.0.1:5000 -> 127.0.0.1:80)`` -> the server socket
+    ``127.0.0.1:80 -> 127.0.0.1:5000`` (preferring one in the same network namespace).
+    """
+
+    def __init__(self, samples: Iterable[SocketSample]) -> None:
+        self._by_tuple: dict[tuple[Endpoint, Endpoint], list[SocketSample]] = {}
+        for sample in samples:
+            self._by_tuple.setdefault((sample.local, sample.remote), []).append(sample)
+
+    def peer_of(self, sample: SocketSample) -> SocketSample | None:
+        candidates = self._by_tuple.get((sample.remote, sample.local))
+        if not candidates:
+            return None
+        for candidate in candidates:
+            if candidate.netns == sample.netns and candidate.socket_id != sample.socket_id:
+                return candidate
+        others = [c for c in candidates if c.socket_id != sample.socket_id]
+        return others[0] if others else None
+
+
+@dataclass
+class _Unattributed:
+    """Bytes the kernel counted but could not leave on a socket entry."""
+
+    spilled_baseline_sent: int = 0  # already counted for sockets later declared spilled
+    spilled_baseline_received: int = 0
+    exported_sent: int = 0  # monotonic view
+    exported_received: int = 0
+    tombstones: dict[int, tuple[_Tracked, int]] = field(default_factory=dict)
+
+
+class Accountant:
+    """Folds kernel polls into series totals. Thread-safe: one poller, many readers."""
+
+    def __init__(
+        self,
+        catalogue: MetricCatalogue,
+        enricher: Enricher,
+        *,
+        max_wait_polls: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._catalogue = catalogue
+        self._enricher = enricher
+        self._max_wait = max_wait_polls
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tracked: dict[int, _Tracked] = {}
+        self._totals: dict[SeriesKey, int] = {}
+        self._unattributed = _Unattributed()
+        self._kernel_untracked = (0, 0, 0)  # sent, received, sockets
+        self._kernel_spilled_sockets = 0
+        self._polls = 0
+
+    # -- folding -------------------------------------------------------------------------
+    def apply(self, poll: KernelPoll) -> None:
+        with self._lock:
+            self._polls += 1
+            peers = _Peers((*poll.live, *poll.finished))
+            seen: set[int] = set()
+            for sample in poll.live:
+                seen.add(sample.socket_id)
+                self._advance(sample, peers, final=False)
+            for sample in poll.finished:
+                seen.add(sample.socket_id)
+                self._advance(sample, peers, final=True)
+            self._notice_vanished(seen)
+            self._fold_kernel_counters(poll)
+
+    def _advance(self, sample: SocketSample, peers: _Peers, *, final: bool) -> None:
+        sid = sample.socket_id
+        tracked = self._tracked.get(sid)
+        if tracked is None:
+            tracked = self._revive(sid) or _Tracked()
+            self._tracked[sid] = tracked
+        tracked.missing = 0
+        tracked.role = sample.role
+        if tracked.series is None:
+            must_answer = final or tracked.waited >= self._max_wait
+            attributes = self._enricher.attributes(sample, peers, final=must_answer)
+            if attributes is None:
+                tracked.waited += 1  # cumulative counters: nothing is lost by waiting
+                if not final:
+                    return
+                attributes = self._enricher.attributes(sample, peers, final=True)
+            if attributes is None:
+                raise RuntimeError("enricher returned None for a final sample")
+            tracked.attributes = attributes
+            tracked.series = self._series_for(attributes)
+            for key, _ in tracked.series:
+                self._totals.setdefault(key, 0)
+        self._count(tracked, sample)
+        if final:
+            del self._tracked[sid]
+
+    def _count(self, tracked: _Tracked, sample: SocketSample) -> None:
+        sent = max(0, sample.sent_bytes - tracked.sent)
+        received = max(0, sample.received_bytes - tracked.received)
+        tracked.sent = max(tracked.sent, sample.sent_bytes)
+        tracked.received = max(tracked.received, sample.received_bytes)
+        tracked.flags = sample.flags
+        server = sample.role is Role.SERVER
+        connection = {
+            ValueSource.RECEIVED_BYTES: received if server else sent,
+            ValueSource.SENT_BYTES: sent if server else received,
+            ValueSource.CONNECTIONS_OPENED: int(
+                bool(sample.flags & SocketFlag.OPENED) and not tracked.opened_counted
+            ),
+            ValueSource.CONNECTIONS_CLOSED: int(
+                bool(sample.flags & SocketFlag.CLOSED)
+                and sample.established
+                and not tracked.closed_counted
+            ),
+        }
+        tracked.opened_counted |= bool(connection[ValueSource.CONNECTIONS_OPENED])
+        tracked.closed_counted |= bool(connection[ValueSource.CONNECTIONS_CLOSED])
+        assert tracked.series is not None
+        totals = self._totals
+        for key, source in tracked.series:
+            amount = connection[source]
+            if amount:
+                totals[key] = totals.get(key, 0) + amount
+
+    def _series_for(
+        self, attributes: ConnectionAttributes
+    ) -> tuple[tuple[SeriesKey, ValueSource], ...]:
+        """Evaluated once per connection: cost does not grow with traffic."""
+        out = []
+        for definition in self._catalogue.definitions():
+            labels = definition.evaluate(attributes)
+            if labels is not None:
+                out.append((SeriesKey(definition.name, labels), definition.value))
+        return tuple(out)
+
+    def _notice_vanished(self, seen: set[int]) -> None:
+        """Sockets gone from both maps: the kernel spilled their close (closed map full)."""
+        unattributed = self._unattributed
+        for sid in [sid for sid in self._tracked if sid not in seen]:
+            tracked = self._tracked[sid]
+            tracked.missing += 1
+            if tracked.missing < MISSING_POLLS_BEFORE_SPILLED:
+                continue
+            del self._tracked[sid]
+            unattributed.spilled_baseline_sent += tracked.sent
+            unattributed.spilled_baseline_received += tracked.received
+            unattributed.tombstones[sid] = (tracked, self._polls)
+            was_connection = tracked.flags & (SocketFlag.OPENED | SocketFlag.PREEXISTING)
+            if tracked.series is not None and was_connection and not tracked.closed_counted:
+                for key, source in tracked.series:
+                    if source is ValueSource.CONNECTIONS_CLOSED:
+                        self._totals[key] = self._totals.get(key, 0) + 1
+                tracked.closed_counted = True
+        expired = [
+            sid
+            for sid, (_, when) in unattributed.tombstones.items()
+            if self._polls - when > TOMBSTONE_POLLS
+        ]
+        for sid in expired:
+            del unattributed.tombstones[sid]
+
+    def _revive(self, sid: int) -> _Tracked | None:
+        """A socket declared spilled shows up after all: undo the declaration."""
+        entry = self._unattributed.tombstones.pop(sid, None)
+        if entry is None:
+            return None
+        tracked, _ = entry
+        self._unattributed.spilled_baseline_sent -= tracked.sent
+        self._unattributed.spilled_baseline_received -= tracked.received
+        tracked.missing = 0
+        return tracked
+
+    def _fold_kernel_counters(self, poll: KernelPoll) -> None:
+        c, u = poll.counters, self._unattributed
+        sent = c.untracked_sent_bytes + max(0, c.spilled_sent_bytes - u.spilled_baseline_sent)
+        received = c.untracked_received_bytes + max(
+            0, c.spilled_received_bytes - u.spilled_baseline_received
+        )
+        u.exported_sent = max(u.exported_sent, sent)
+        u.exported_received = max(u.exported_received, received)
+        self._kernel_untracked = (
+            c.untracked_sent_bytes,
+            c.untracked_received_bytes,
+            c.untracked_sockets,
+        )
+        self._kernel_spilled_sockets = c.spilled_sockets
+
+    # -- reloading -------------------------------------------------------------------------
+    def replace_catalogue(self, catalogue: MetricCatalogue) -> None:
+        """Switch metric definitions. Totals of metrics whose definition is unchanged are
+        kept; series of removed metrics disappear; live connections are re-evaluated and
+        count into the new series from their next bytes on (nothing counted is lost)."""
+        with self._lock:
+            old = {_fingerprint(d): d.name for d in self._catalogue.definitions()}
+            kept_names = {d.name for d in catalogue.definitions() if _fingerprint(d) in old}
+            self._catalogue = catalogue
+            self._totals = {k: v for k, v in self._totals.items() if k.metric in kept_names}
+            for tracked in self._tracked.values():
+                if tracked.attributes is not None:
+                    tracked.series = self._series_for(tracked.attributes)
+                    for key, _ in tracked.series:
+                        self._totals.setdefault(key, 0)
+
+    # -- reading -----------------------------------------------------------------------------
+    def families(self) -> list[FamilySnapshot]:
+        with self._lock:
+            by_metric: dict[str, dict[tuple[str, ...], int]] = {}
+            for key, value in self._totals.items():
+                by_metric.setdefault(key.metric, {})[key.labels] = value
+            return [
+                FamilySnapshot(d.name, d.help, d.label_names, by_metric.get(d.name, {}))
+                for d in self._catalogue.definitions()
+            ]
+
+    def definitions(self) -> list[MetricDefinition]:
+        with self._lock:
+            return list(self._catalogue.definitions())
+
+    def stats(self) -> AccountingStats:
+        with self._lock:
+            held = sum(1 for t in self._tracked.values() if t.series is None)
+            return AccountingStats(
+                tracked_sockets=len(self._tracked),
+                held_back_sockets=held,
+                unattributed_sent_bytes=self._unattributed.exported_sent,
+                unattributed_received_bytes=self._unattributed.exported_received,
+                untracked_sockets=self._kernel_untracked[2],
+                spilled_sockets=self._kernel_spilled_sockets,
+                series=len(self._totals),
+            )
+
+
+def _fingerprint(definition: MetricDefinition) -> tuple[object, ...]:
+    return (definition.name, definition.value, definition.label_names, definition.help)

@@ -1,0 +1,78 @@
+"""Local mode (no Kubernetes): each end is the process on this host, else its address.
+
+Labels in local mode (README "Metric semantics"): ``*_workload`` is the process name of that
+end when it is on this host, else the remote address; ``destination_service`` is
+``"<server address>:<server port>"``; everything else "unknown".
+
+>>> # client socket of `curl` (pid 42) to 198.18.0.2:80, whose server end is not on this host
+>>> # -> source.workload "curl", destination.workload "198.18.0.2",
+>>> #    service.host "198.18.0.2:80", reporter "source"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+from agent.model import (
+    UNKNOWN,
+    ConnectionAttributes,
+    Endpoint,
+    PeerIdentity,
+    PeerIndex,
+    Role,
+    ServiceIdentity,
+    SocketSample,
+)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class LocalEnricher:
+    """Names connection ends after local processes (implements ``agent.model.Enricher``).
+
+    ``process_name(pid)`` returns the process's name, or None if it is gone; the task name
+    the kernel recorded is the fallback.
+    """
+
+    def __init__(self, process_name: Callable[[int], str | None]) -> None:
+        self._process_name = process_name
+
+    def _name(self, sample: SocketSample) -> str | None:
+        if not sample.pid:
+            return None
+        return self._process_name(sample.pid) or sample.comm or None
+
+    def attributes(
+        self, sample: SocketSample, peers: PeerIndex, *, final: bool
+    ) -> ConnectionAttributes | None:
+        local_name = self._name(sample)
+        if local_name is None and not final:
+            return None  # the owning process shows up with its first send or receive
+        peer = peers.peer_of(sample)
+        if peer is not None:
+            remote_name = self._name(peer)
+            if remote_name is None and not final:
+                return None
+        elif _is_loopback(sample.remote.address) and not final:
+            return None  # the other end is on this host; its socket appears next poll
+        else:
+            remote_name = None
+        local = self._identity(sample.local, local_name or UNKNOWN)
+        remote = self._identity(sample.remote, remote_name or sample.remote.address)
+        client, server = (remote, local) if sample.role is Role.SERVER else (local, remote)
+        return ConnectionAttributes(
+            reporter=sample.reporter,
+            source=client,
+            destination=server,
+            service=ServiceIdentity(host=str(sample.server)),
+        )
+
+    @staticmethod
+    def _identity(endpoint: Endpoint, workload: str) -> PeerIdentity:
+        return PeerIdentity(workload=workload, ip=endpoint.address, port=endpoint.port)
