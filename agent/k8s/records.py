@@ -8,6 +8,8 @@ type becomes its default, and an object without a name/namespace decodes to ``No
 from __future__ import annotations
 
 import sys
+import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -134,7 +136,19 @@ def parse_address(value: Any) -> str | None:
         return None
 
 
-def keep_labels(labels: Any) -> dict[str, str]:
+class LabelMap(dict[str, str]):
+    """A pod's kept labels; identical maps are shared between pods (see :func:`keep_labels`)."""
+
+    __slots__ = ("__weakref__",)
+
+
+_shared_label_maps: weakref.WeakValueDictionary[tuple[tuple[str, str], ...], LabelMap] = (
+    weakref.WeakValueDictionary()
+)
+_shared_label_maps_lock = threading.Lock()
+
+
+def keep_labels(labels: Any) -> Mapping[str, str]:
     """The labels worth keeping: identity labels first, then others up to ``MAX_LABELS``.
 
     ``{"app": "web", "x": 1}`` -> ``{"app": "web"}`` (non-text values are dropped).
@@ -150,7 +164,14 @@ def keep_labels(labels: Any) -> dict[str, str]:
             break
         if isinstance(key, str) and isinstance(value, str) and key not in kept:
             kept[_text(key)] = _text(value)
-    return kept
+    # Pods of one ReplicaSet carry the same labels: keep one copy for all of them.
+    signature = tuple(kept.items())
+    with _shared_label_maps_lock:
+        shared = _shared_label_maps.get(signature)
+        if shared is None:
+            shared = LabelMap(kept)
+            _shared_label_maps[signature] = shared
+    return shared
 
 
 def controller_of(metadata: Mapping[str, Any]) -> OwnerRef | None:
