@@ -107,7 +107,10 @@ def _read_files(paths: Sequence[Path]) -> tuple[list[CompiledMetric], list[Confi
     from_mixer = resolve(mixer)
     for checker in checkers:
         problems += checker.problems
-    metrics = switches.apply(builtins) + native + from_mixer
+    order = {checker.file: index for index, checker in enumerate(checkers)}
+    configured = sorted(native + from_mixer,
+                        key=lambda m: (order.get(m.origin.file, len(order)), m.origin.line))
+    metrics = switches.apply(builtins) + configured
     problems += _duplicates(metrics)
     return metrics, problems, mixer.warnings
 

@@ -114,11 +114,12 @@ class FileChecker:
 
     def unknown_keys(self, where: Located, fields: dict[Any, Located], allowed: set[str],
                      obj: str) -> None:
-        for key, located in fields.items():
+        for key in fields:
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
-                self.problem(located, obj, f"unknown field {key!r} (expected one of: {hint})",
-                             line=located.line, column=None)
+                line, column = where.key_position(key)
+                self.problem(where, obj, f"unknown field {key!r} (expected one of: {hint})",
+                             line=line, column=column)
 
     def expression(self, located: Located, obj: str, role: str,
                    expected: ValueType | None = None) -> CompiledExpression | None:

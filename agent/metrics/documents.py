@@ -37,6 +37,13 @@ class Located:
     line: int
     column: int
     folded: list[tuple[int, int, int]] | None = field(default=None, repr=False)
+    keys: dict[Any, tuple[int, int]] | None = field(default=None, repr=False)
+
+    def key_position(self, key: Any) -> tuple[int, int]:
+        """(line, column) where a mapping's ``key`` is written; the mapping's own if unknown."""
+        if self.keys and key in self.keys:
+            return self.keys[key]
+        return self.line, self.column
 
     def position_of(self, offset: int) -> tuple[int, int, bool]:
         """(line, column, exact) of character ``offset`` of this text value.
@@ -75,7 +82,7 @@ def _plain_segments(node: yaml.ScalarNode, text: str) -> list[tuple[int, int, in
         if "\n" in raw or "\\" in raw or "''" in raw:
             return None
         return [(0, start.line + 1, start.column + 2)]
-    if style is not None:
+    if style:  # plain scalars have style None (pure Python) or "" (libyaml)
         return None
     segments: list[tuple[int, int, int]] = []
     pieces: list[str] = []
@@ -116,6 +123,7 @@ class _Converter:
         line, column = node.start_mark.line + 1, node.start_mark.column + 1
         if isinstance(node, yaml.MappingNode):
             mapping: dict[Any, Located] = {}
+            keys: dict[Any, tuple[int, int]] = {}
             self.constructor.flatten_mapping(node)
             for key_node, value_node in node.value:
                 if not isinstance(key_node, yaml.ScalarNode):
@@ -126,7 +134,8 @@ class _Converter:
                 if key in mapping:
                     raise self.problem(key_node, f"key {key!r} appears twice")
                 mapping[key] = self.convert(value_node, depth + 1)
-            return Located(mapping, line, column)
+                keys[key] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            return Located(mapping, line, column, keys=keys)
         if isinstance(node, yaml.SequenceNode):
             return Located([self.convert(item, depth + 1) for item in node.value], line, column)
         value = self._scalar(node)

@@ -104,7 +104,8 @@ def compile_dimensions(checker: FileChecker, located: Located | None,
     for label, expression in fields.items():
         problem = label_name_problem(label)
         if problem is not None:
-            checker.problem(expression, obj, problem)
+            line, column = located.key_position(label)
+            checker.problem(expression, obj, problem, line=line, column=column)
             ok = False
             continue
         result = checker.expression(expression, obj, f"dimension {label}")
