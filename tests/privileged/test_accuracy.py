@@ -1,0 +1,315 @@
+"""Exact byte counts against the bytes the test moved and the kernel's own tcp_info.
+
+Direction is bound to the connection (Istio): received = client -> server (a client's writes,
+a server's reads), sent = server -> client. The client socket reports as "source", the server
+socket as "destination"; both ends are on this host, so both reporters appear.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+
+from tests.support.harness import (
+    CLOSED,
+    OPENED,
+    RECEIVED,
+    SENT,
+    connect_pair,
+    exchange,
+    listener,
+    recv_exact,
+    send_exact,
+    service_of,
+    tcp_info_bytes,
+)
+
+
+def assert_connection(
+    harness,
+    service: str,
+    request: int,
+    response: int,
+    connections: int = 1,
+    closed: int | None = None,
+) -> None:
+    totals = harness.connection_totals(service)
+    closed = connections if closed is None else closed
+    expected = {
+        (RECEIVED, "source"): request,
+        (RECEIVED, "destination"): request,
+        (SENT, "source"): response,
+        (SENT, "destination"): response,
+        (OPENED, "source"): connections,
+        (OPENED, "destination"): connections,
+        (CLOSED, "source"): closed,
+        (CLOSED, "destination"): closed,
+    }
+    assert totals == expected
+
+
+@pytest.mark.parametrize(
+    ("family", "bind_host", "connect_host", "client_family"),
+    [
+        (socket.AF_INET, "127.0.0.1", None, None),
+        (socket.AF_INET6, "::1", None, None),
+        # an IPv6 socket talking to an IPv4 address: IPv4-mapped, folded to IPv4
+        (socket.AF_INET6, "::", "::ffff:127.0.0.1", socket.AF_INET6),
+    ],
+    ids=["ipv4", "ipv6", "ipv4-mapped"],
+)
+def test_one_connection_exact_and_matches_tcp_info(
+    harness, family, bind_host, connect_host, client_family
+):
+    request, response = 1_234_567, 765_432
+    with listener(family, bind_host) as lsock:
+        client, server = connect_pair(lsock, client_family, connect_host)
+        exchange(client, server, request, response)
+        assert tcp_info_bytes(client, active_opener=True) == (request, response)
+        assert tcp_info_bytes(server, active_opener=False) == (response, request)
+        harness.poll()
+        port = lsock.getsockname()[1]
+        host = "127.0.0.1" if connect_host == "::ffff:127.0.0.1" else bind_host
+        service = service_of((host, port))
+        # counted while open, before any close
+        assert harness.total(RECEIVED, destination_service=service, reporter="source") == request
+        assert harness.total(SENT, destination_service=service, reporter="destination") == response
+        client.close()
+        server.close()
+    harness.settle()
+    assert_connection(harness, service, request, response)
+
+
+def test_labels_name_local_processes_in_local_mode(harness):
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        exchange(client, server, 10, 20)
+        harness.poll(2)
+        service = service_of(lsock.getsockname())
+        rows = harness.series(RECEIVED, destination_service=service)
+        name = open(f"/proc/{os.getpid()}/comm").read().strip()
+        assert {(r["reporter"], r["source_workload"], r["destination_workload"]) for r in rows} == {
+            ("source", name, name),
+            ("destination", name, name),
+        }
+        assert all(r["request_protocol"] == "tcp" and r["response_flags"] == "-" for r in rows)
+        client.close()
+        server.close()
+
+
+def test_200_concurrent_connections(harness):
+    count, request, response = 200, 3_000, 5_000
+    with listener() as lsock:
+        pairs = [connect_pair(lsock) for _ in range(count)]
+        threads = [
+            threading.Thread(target=exchange, args=(c, s, request, response)) for c, s in pairs
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        service = service_of(lsock.getsockname())
+        for client, server in pairs:
+            client.close()
+            server.close()
+    harness.settle()
+    assert_connection(harness, service, count * request, count * response, connections=count)
+
+
+def test_connections_that_open_and_close_between_two_polls(harness):
+    harness.poll()
+    with listener() as lsock:
+        for size in (1, 10, 1000, 100_000):
+            client, server = connect_pair(lsock)
+            exchange(client, server, size, 2 * size)
+            client.close()
+            server.close()
+        service = service_of(lsock.getsockname())
+    harness.settle()
+    assert_connection(harness, service, 101_011, 202_022, connections=4)
+
+
+def test_sendfile_is_counted(harness):
+    size = 3_000_000
+    with tempfile.TemporaryFile() as blob, listener() as lsock:
+        blob.write(os.urandom(size))
+        blob.flush()
+        client, server = connect_pair(lsock)
+        reader = threading.Thread(target=recv_exact, args=(server, size))
+        reader.start()
+        offset = 0
+        while offset < size:
+            offset += os.sendfile(client.fileno(), blob.fileno(), offset, size - offset)
+        reader.join()
+        service = service_of(lsock.getsockname())
+        assert tcp_info_bytes(client, active_opener=True)[0] == size
+        client.close()
+        server.close()
+    harness.settle()
+    assert_connection(harness, service, size, 0)
+
+
+def test_msg_peek_is_not_counted_and_recv_into_recvmsg_are(harness):
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        client.sendall(b"a" * 5000)
+        time.sleep(0.05)
+        assert len(server.recv(5000, socket.MSG_PEEK)) > 0  # not counted
+        assert len(server.recv(5000, socket.MSG_PEEK)) > 0
+        buffer = bytearray(2000)
+        got = server.recv_into(buffer, 2000, socket.MSG_WAITALL)
+        data, _, _, _ = server.recvmsg(3000, 0, socket.MSG_WAITALL)
+        assert got + len(data) == 5000
+        server.sendall(b"b" * 300)
+        view = bytearray(300)
+        assert (
+            client.recvmsg_into(
+                [memoryview(view)[:100], memoryview(view)[100:]], 0, socket.MSG_WAITALL
+            )[0]
+            == 300
+        )
+        service = service_of(lsock.getsockname())
+        client.close()
+        server.close()
+    harness.settle()
+    assert_connection(harness, service, 5000, 300)
+
+
+def test_large_waitall_read_against_a_trickling_writer(harness):
+    """One receive call that the kernel completes in many pieces: counted once, exactly."""
+    size, piece = 400_000, 1_000
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+
+        def trickle():
+            for _ in range(size // piece):
+                client.sendall(b"t" * piece)
+                time.sleep(0.0002)
+
+        writer = threading.Thread(target=trickle)
+        writer.start()
+        data = server.recv(size, socket.MSG_WAITALL)
+        writer.join()
+        assert len(data) == size
+        service = service_of(lsock.getsockname())
+        assert tcp_info_bytes(server, active_opener=False)[1] == size
+        client.close()
+        server.close()
+    harness.settle()
+    assert_connection(harness, service, size, 0)
+
+
+def test_nonblocking_partial_writes_count_what_moved(harness):
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        client.setblocking(False)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        moved, refused = 0, 0
+        payload = b"p" * 1_000_000
+        for _ in range(50):
+            try:
+                moved += client.send(payload)  # partial: far less than asked
+            except BlockingIOError:
+                refused += 1
+                break
+        assert 0 < moved < 50 * len(payload)
+        client.setblocking(True)
+        recv_exact(server, moved)
+        service = service_of(lsock.getsockname())
+        client.close()
+        server.close()
+    harness.settle()
+    assert_connection(harness, service, moved, 0)
+
+
+def test_udp_is_ignored(harness):
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(100):
+        sender.sendto(b"u" * 1000, receiver.getsockname())
+        receiver.recv(2000)
+    harness.poll(2)
+    ports = {receiver.getsockname()[1], sender.getsockname()[1]}
+    tracked_ports = {s.local.port for s in harness.last_samples}
+    assert not ports & tracked_ports
+    sender.close()
+    receiver.close()
+
+
+def test_half_close_reply_read_after_fin(harness):
+    """The client shuts down its write side, then reads the reply after the server's FIN."""
+    request, response = 50_000, 80_000
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        send_exact(client, request)
+        client.shutdown(socket.SHUT_WR)
+        recv_exact(server, request)
+        assert server.recv(1) == b""  # the client's FIN
+        send_exact(server, response)
+        server.close()  # FIN to the client; the server end is gone
+        time.sleep(0.05)
+        harness.poll()
+        recv_exact(client, response)  # read after the peer's FIN
+        assert client.recv(1) == b""
+        service = service_of(lsock.getsockname())
+        client.close()
+    harness.settle()
+    assert_connection(harness, service, request, response)
+
+
+def test_queued_data_read_after_rst(harness):
+    """The peer resets; data already queued is still read, and counted exactly once."""
+    queued = 30_000
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        send_exact(server, queued)
+        time.sleep(0.05)
+        # RST: SO_LINGER with a zero timeout
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        server.close()
+        time.sleep(0.05)
+        harness.poll()  # the client socket is in TCP_CLOSE now, data still queued
+        got = 0
+        try:
+            while got < queued:
+                data = client.recv(65536)
+                if not data:
+                    break
+                got += len(data)
+        except ConnectionResetError:
+            pass
+        assert got == queued
+        service = service_of(lsock.getsockname())
+        client.close()
+    harness.settle()
+    assert_connection(harness, service, 0, queued)
+
+
+def test_ten_thousand_sequential_short_connections(harness):
+    """struct sock addresses are reused constantly; every connection still counts once."""
+    count = 10_000
+    with listener() as lsock:
+        address = lsock.getsockname()
+        for i in range(count):
+            client = socket.create_connection(address)
+            server, _ = lsock.accept()
+            client.sendall(b"q" * (i % 7 + 1))
+            recv_exact(server, i % 7 + 1)
+            server.sendall(b"r" * (i % 5 + 1))
+            recv_exact(client, i % 5 + 1)
+            client.close()
+            server.close()
+            if i % 2500 == 0:
+                harness.poll()
+        service = service_of(address)
+    harness.settle()
+    request = sum(i % 7 + 1 for i in range(count))
+    response = sum(i % 5 + 1 for i in range(count))
+    assert_connection(harness, service, request, response, connections=count)
+    assert harness.accountant.stats().unattributed_sent_bytes == 0
