@@ -12,6 +12,7 @@ import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -92,7 +93,7 @@ def test_labels_name_local_processes_in_local_mode(harness):
         harness.poll(2)
         service = service_of(lsock.getsockname())
         rows = harness.series(RECEIVED, destination_service=service)
-        name = open(f"/proc/{os.getpid()}/comm").read().strip()
+        name = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
         assert {(r["reporter"], r["source_workload"], r["destination_workload"]) for r in rows} == {
             ("source", name, name),
             ("destination", name, name),
