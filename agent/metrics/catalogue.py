@@ -4,7 +4,7 @@
     [d.name for d in catalogue.definitions()]
     -> ["istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total",
         "istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
-        "istio_mongo_received_bytes", "istio_mongo_sent_bytes"]
+        "istio_mongo_sent_bytes", "istio_mongo_received_bytes"]   (built-ins, then file order)
 
 A file may hold tcpacct's native documents and Istio ``config.istio.io/v1alpha2`` objects
 side by side; Istio references are resolved across all files. Anything wrong anywhere makes
