@@ -1,0 +1,185 @@
+"""Decoding the kernel's raw values: addresses, ports in network order, task names."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+import struct
+
+import pytest
+
+from agent.ebpf.decoding import (
+    AF_INET,
+    AF_INET6,
+    SockInfo,
+    decode_address,
+    decode_comm,
+    decode_counters,
+    decode_port,
+    decode_sample,
+    encode_port,
+)
+from agent.model import Endpoint, KernelCounters, Role, SocketFlag
+
+
+def raw_port(port: int) -> int:
+    """A port as the BPF side stores it: network-order bytes read back as a host u16."""
+    return struct.unpack("=H", struct.pack("!H", port))[0]
+
+
+def raw_address(text: str) -> bytes:
+    """Address bytes as the kernel keeps them, padded to 16."""
+    return ipaddress.ip_address(text).packed.ljust(16, b"\0")
+
+
+def sock_info(
+    family: int,
+    local: tuple[str, int],
+    remote: tuple[str, int],
+    *,
+    comm: bytes = b"curl",
+    role: int = 1,
+    flags: int = 1,
+) -> SockInfo:
+    info = SockInfo()
+    info.id = 77
+    info.sent = 2**40 + 3  # beyond 32 bits: u64 kept exact
+    info.received = 12345
+    ctypes.memmove(info.local_addr, raw_address(local[0]), 16)
+    ctypes.memmove(info.remote_addr, raw_address(remote[0]), 16)
+    info.local_port = raw_port(local[1])
+    info.remote_port = raw_port(remote[1])
+    info.family = family
+    info.role = role
+    info.flags = flags
+    info.netns = 4026531840
+    info.tgid = 4242
+    info.comm = comm
+    return info
+
+
+@pytest.mark.parametrize(
+    ("family", "raw", "text"),
+    [
+        (AF_INET, bytes([198, 18, 0, 1]) + bytes(12), "198.18.0.1"),
+        (AF_INET, bytes([127, 0, 0, 1]) + b"\xaa" * 12, "127.0.0.1"),  # tail ignored
+        (AF_INET6, raw_address("2001:db8::1"), "2001:db8::1"),
+        (AF_INET6, raw_address("::1"), "::1"),
+        (AF_INET6, bytes(10) + b"\xff\xff" + bytes([198, 18, 0, 7]), "198.18.0.7"),  # mapped
+        (AF_INET6, bytes(16), "::"),
+    ],
+)
+def test_decode_address(family: int, raw: bytes, text: str) -> None:
+    assert decode_address(family, raw) == text
+
+
+def test_family_constants_are_linux_values() -> None:
+    assert (AF_INET, AF_INET6) == (2, 10)
+
+
+@pytest.mark.parametrize("port", [1, 80, 443, 8080, 9437, 40000, 65535])
+def test_port_byte_order_round_trip(port: int) -> None:
+    assert decode_port(raw_port(port)) == port
+    assert encode_port(port) == raw_port(port)
+
+
+def test_port_example_from_docstring() -> None:
+    assert decode_port(0x5000) == 80  # bytes 00 50 in memory
+    assert encode_port(80) == 0x5000
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (b"nginx" + bytes(11), "nginx"),
+        (b"nginx\0junk\0\0\0\0\0\0", "nginx"),  # stale bytes after the first NUL
+        (b"\xff\xfeab" + bytes(12), "\ufffd\ufffdab"),  # not UTF-8
+        (b"abcdefghijklmnop", "abcdefghijklmnop"),  # 16 bytes, no NUL
+        (bytes(16), ""),
+        ("żółw".encode(), "żółw"),
+    ],
+)
+def test_decode_comm(raw: bytes, text: str) -> None:
+    assert decode_comm(raw) == text
+
+
+def test_decode_sample_ipv4() -> None:
+    info = sock_info(AF_INET, ("198.18.0.1", 40001), ("198.18.0.2", 80))
+    decoded = decode_sample(info)
+    assert decoded.socket_id == 77
+    assert (decoded.sent_bytes, decoded.received_bytes) == (2**40 + 3, 12345)
+    assert decoded.local == Endpoint("198.18.0.1", 40001)
+    assert decoded.remote == Endpoint("198.18.0.2", 80)
+    assert decoded.role is Role.CLIENT
+    assert decoded.flags == SocketFlag.OPENED
+    assert (decoded.netns, decoded.pid, decoded.comm) == (4026531840, 4242, "curl")
+
+
+def test_decode_sample_ipv6() -> None:
+    info = sock_info(AF_INET6, ("2001:db8::2", 443), ("2001:db8::1", 51000), role=2)
+    decoded = decode_sample(info)
+    assert decoded.local == Endpoint("2001:db8::2", 443)
+    assert decoded.remote == Endpoint("2001:db8::1", 51000)
+    assert str(decoded.local) == "[2001:db8::2]:443"
+    assert decoded.role is Role.SERVER
+
+
+def test_decode_sample_folds_ipv4_mapped_ipv6() -> None:
+    info = sock_info(AF_INET6, ("::ffff:198.18.0.1", 40001), ("::ffff:198.18.0.2", 80))
+    decoded = decode_sample(info)
+    assert decoded.local == Endpoint("198.18.0.1", 40001)
+    assert decoded.remote == Endpoint("198.18.0.2", 80)
+
+
+def test_decode_sample_comm_with_nul_and_invalid_utf8() -> None:
+    info = sock_info(AF_INET, ("127.0.0.1", 1), ("127.0.0.1", 2), comm=b"py\xffthon\0xx")
+    assert decode_sample(info).comm == "py\ufffdthon"
+
+
+@pytest.mark.parametrize(("raw", "role"), [(0, Role.UNKNOWN), (1, Role.CLIENT),
+                                           (2, Role.SERVER), (3, Role.UNKNOWN),
+                                           (255, Role.UNKNOWN)])
+def test_decode_sample_role(raw: int, role: Role) -> None:
+    info = sock_info(AF_INET, ("127.0.0.1", 1), ("127.0.0.1", 2), role=raw)
+    assert decode_sample(info).role is role
+
+
+def test_decode_sample_keeps_known_flags_only() -> None:
+    info = sock_info(AF_INET, ("127.0.0.1", 1), ("127.0.0.1", 2), flags=0xF0 | 0b1011)
+    assert decode_sample(info).flags == SocketFlag.OPENED | SocketFlag.CLOSED | SocketFlag.DESTROYED
+
+
+def test_sock_info_layout_matches_the_c_struct() -> None:
+    """bpf/tcpacct.c struct sock_info: 3 u64, two 16-byte addresses, ports, family, role,
+    flags, netns, tgid, comm[16] -> 96 bytes with natural alignment."""
+    assert ctypes.sizeof(SockInfo) == 3 * 8 + 32 + 2 * 3 + 2 + 4 + 4 + 16
+    assert SockInfo.local_port.offset == 56
+    assert SockInfo.comm.offset == 72
+
+
+def test_decode_sample_from_a_raw_buffer() -> None:
+    info = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000))
+    copy = SockInfo.from_buffer_copy(bytes(info))
+    assert decode_sample(copy) == decode_sample(info)
+
+
+def test_decode_counters_in_c_order() -> None:
+    assert decode_counters([1, 2, 3, 4, 5, 6]) == KernelCounters(
+        untracked_sent_bytes=1,
+        untracked_received_bytes=2,
+        untracked_sockets=3,
+        spilled_sent_bytes=4,
+        spilled_received_bytes=5,
+        spilled_sockets=6,
+    )
+
+
+def test_decode_counters_pads_a_short_read_with_zeros() -> None:
+    assert decode_counters([7, 8]) == KernelCounters(
+        untracked_sent_bytes=7, untracked_received_bytes=8
+    )
+
+
+def test_network_order_helper_agrees_with_socket_module() -> None:
+    assert raw_port(80) == socket.htons(80)
