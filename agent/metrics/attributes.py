@@ -15,6 +15,7 @@ reads as ``None``: *absent*, which Mixer's ``|`` operator replaces by its defaul
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 from agent.model import UNKNOWN, ConnectionAttributes, PeerIdentity, Reporter, ValueSource
@@ -40,8 +41,10 @@ def _known(value: str) -> str | None:
 
 
 def _peer_text(side: str, field: str) -> Callable[[ConnectionAttributes], str | None]:
+    get = attrgetter(f"{side}.{field}")
+
     def read(attributes: ConnectionAttributes) -> str | None:
-        value = getattr(getattr(attributes, side), field)
+        value = get(attributes)
         return None if not value or value == UNKNOWN else value
 
     read.__name__ = f"read_{side}_{field}"

@@ -19,7 +19,7 @@ from typing import Any
 
 from agent.model import UNKNOWN, ConnectionAttributes, Reporter, ValueSource
 
-from .expressions import CompiledExpression
+from .expressions import CompiledExpression, ValueType
 
 METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -72,6 +72,14 @@ class Origin:
         return f"{self.file}:{self.line} ({self.object})"
 
 
+def _label_reader(expression: CompiledExpression) -> Callable[[ConnectionAttributes], str]:
+    """The expression as a function giving label text (one call for text expressions)."""
+    evaluate = expression.evaluate
+    if expression.type is ValueType.STRING:
+        return lambda a: UNKNOWN if (value := evaluate(a)) is None else value
+    return lambda a: label_text(evaluate(a))
+
+
 def _always(_attributes: ConnectionAttributes) -> bool:
     return True
 
@@ -95,14 +103,14 @@ class CompiledMetric:
         set_ = object.__setattr__
         set_(self, "label_names", tuple(self.dimensions))
         set_(self, "_match", self.match.evaluate if self.match is not None else _always)
-        set_(self, "_labels", tuple(expression.evaluate for expression in
+        set_(self, "_labels", tuple(_label_reader(expression) for expression in
                                     self.dimensions.values()))
 
     def evaluate(self, attributes: ConnectionAttributes) -> tuple[str, ...] | None:
         """Label values in ``label_names`` order, or None when this metric does not apply."""
         if attributes.reporter not in self.reporters or not self._match(attributes):
             return None
-        return tuple([label_text(read(attributes)) for read in self._labels])
+        return tuple([read(attributes) for read in self._labels])
 
     def without_labels(self, removed: frozenset[str]) -> CompiledMetric:
         """The same metric with some labels dropped (Istio's tagOverrides REMOVE)."""

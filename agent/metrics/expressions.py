@@ -524,8 +524,7 @@ class _Compiler:
                 node.offset,
             )
         if node.operator == "|":
-            return _Typed(left.type, _first_present(left.evaluate, right.evaluate),
-                          left.constant)
+            return _Typed(left.type, _first_present(left, right), left.constant)
         return _Typed(ValueType.BOOL, _comparison(node.operator == "==", left, right))
 
     def _call(self, node: Call) -> _Typed:
@@ -561,10 +560,15 @@ def _logic(operator: str, left: Evaluator, right: Evaluator) -> Evaluator:
     return disjunction
 
 
-def _first_present(left: Evaluator, right: Evaluator) -> Evaluator:
+def _first_present(left: _Typed, right: _Typed) -> Evaluator:
+    read_left, read_right = left.evaluate, right.evaluate
+    if right.constant:  # the usual `attribute | "unknown"`: one call, not two
+        default = read_right(None)
+        return lambda a: default if (v := read_left(a)) is None else v
+
     def first(a: Any) -> Any:
-        value = left(a)
-        return right(a) if value is None else value
+        value = read_left(a)
+        return read_right(a) if value is None else value
 
     return first
 
