@@ -8,6 +8,7 @@ to the pod that held the IP at the time (as far as the watch events tell).
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import Counter
@@ -112,6 +113,9 @@ class KubernetesCache:
         self._clock = clock
         self._lock = threading.RLock()
         self._pods: dict[str, PodRecord] = {}
+        self._uid_aliases: dict[str, str] = {}  # static pod config hash -> mirror pod UID
+        self._pod_networks: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
+        self._host_addresses: set[str] = set()  # host-network pods' (the nodes') addresses
         self._deleted_pods: dict[str, tuple[PodRecord, float]] = {}
         self._holdings: dict[str, list[IpHolding]] = {}
         self._services: dict[tuple[str, str], ServiceRecord] = {}
@@ -175,8 +179,13 @@ class KubernetesCache:
             return self.rules.peer(pod, self._workload(pod), folded or "")
 
     def pod_by_uid(self, uid: str) -> PeerIdentity | None:
-        """A live or recently deleted pod by its UID (as cgroup paths name it)."""
+        """A live or recently deleted pod by its UID (as cgroup paths name it).
+
+        A static pod's cgroups carry its config hash, which its mirror pod in the API holds
+        in the ``kubernetes.io/config.mirror`` annotation: that resolves too.
+        """
         with self._lock:
+            uid = self._uid_aliases.get(uid, uid)
             pod = self._pods.get(uid)
             if pod is None and uid in self._deleted_pods:
                 pod = self._deleted_pods[uid][0]
@@ -215,6 +224,19 @@ class KubernetesCache:
                 return None
             namespace, name = min(owners)
         return ServiceIdentity(self.rules.service_host(name, namespace), name, namespace)
+
+    def may_be_pod_ip(self, address: str) -> bool:
+        """Whether ``address`` is in a network pods were seen in (a /16 for IPv4, a /64 for
+        IPv6) and is no node's: an unknown address there is likely a pod the cache has not
+        heard of yet."""
+        try:
+            ip = ipaddress.ip_address(parse_address(address) or "")
+        except ValueError:
+            return False
+        prefix = 16 if ip.version == 4 else 64
+        network = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+        with self._lock:
+            return network in self._pod_networks and str(ip) not in self._host_addresses
 
     def is_cluster_ip(self, address: str) -> bool:
         folded = parse_address(address)
@@ -286,6 +308,8 @@ class KubernetesCache:
                 if old is not None:
                     self._end_holdings(old.uid, set(old.ips), now)
                     self._deleted_pods[old.uid] = (old, now)
+                    if old.config_hash and self._uid_aliases.get(old.config_hash) == old.uid:
+                        del self._uid_aliases[old.config_hash]
             elif isinstance(record, ServiceRecord):
                 self._forget_service(self._services.pop(key, None))
             elif isinstance(record, EndpointSliceRecord):
@@ -318,11 +342,16 @@ class KubernetesCache:
     def _upsert_pod(self, pod: PodRecord, now: float) -> None:
         old = self._pods.get(pod.uid)
         self._pods[pod.uid] = pod
+        if pod.config_hash:
+            self._uid_aliases[pod.config_hash] = pod.uid
+        if pod.host_network:
+            self._host_addresses.update(pod.ips)
         self._deleted_pods.pop(pod.uid, None)
         held = set() if pod.terminal or pod.host_network else set(pod.ips)
         before = set() if old is None or old.terminal or old.host_network else set(old.ips)
         self._end_holdings(pod.uid, before - held, now)
         for address in held - before:
+            self._pod_networks.add(_network_of(address))
             # First sight of the pod with this address: it has held it since it was created.
             # An address gained later was gained about now.
             start = (pod.created or now) if old is None else now
@@ -385,3 +414,9 @@ class KubernetesCache:
                 self._holdings[address] = kept
             else:
                 del self._holdings[address]
+
+
+def _network_of(address: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``"198.18.3.7"`` -> ``198.18.0.0/16``; ``"2001:db8::7"`` -> ``2001:db8::/64``."""
+    ip = ipaddress.ip_address(address)
+    return ipaddress.ip_network(f"{ip}/{16 if ip.version == 4 else 64}", strict=False)

@@ -20,6 +20,7 @@ from agent.model import fold_address
 MAX_LABELS = 32
 """Labels kept per pod beyond the ones identity rules read (a huge label map is cut)."""
 MAX_LABEL_TEXT = 253
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 IDENTITY_LABELS = (
     "app",
     "version",
@@ -52,6 +53,8 @@ class PodRecord:
     phase: str = ""
     owner: OwnerRef | None = None
     created: float = 0.0  # creationTimestamp, seconds since the epoch (0.0 if unknown)
+    config_hash: str = ""  # a static pod's mirror: the UID its cgroups carry
+
 
     @property
     def terminal(self) -> bool:
@@ -225,6 +228,7 @@ def decode_pod(obj: Mapping[str, Any]) -> PodRecord | None:
         phase=_text(status.get("phase")),
         owner=controller_of(metadata),
         created=parse_timestamp(metadata.get("creationTimestamp")),
+        config_hash=_text(_mapping(metadata.get("annotations")).get(MIRROR_ANNOTATION)),
     )
 
 

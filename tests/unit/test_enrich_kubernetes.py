@@ -1,0 +1,322 @@
+"""KubernetesEnricher with fake directories, resolvers and NAT tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from agent.enrich.kubernetes import KubernetesEnricher
+from agent.model import (
+    ConnectionAttributes,
+    Endpoint,
+    PeerIdentity,
+    Reporter,
+    Role,
+    ServiceIdentity,
+    SocketFlag,
+    SocketSample,
+)
+
+HOST_NS, WEB_NS, DB_NS = 4026531840, 4026532001, 4026532002
+
+
+def peer(name: str, workload: str, ip: str, namespace: str = "shop") -> PeerIdentity:
+    return PeerIdentity(
+        workload=workload,
+        namespace=namespace,
+        principal=f"spiffe://cluster.local/ns/{namespace}/sa/default",
+        app=workload,
+        cluster="Kubernetes",
+        uid=f"kubernetes://{name}.{namespace}",
+        pod_name=name,
+        ip=ip,
+    )
+
+
+WEB = peer("web-1", "web", "198.18.0.2")
+DB0 = peer("db-0", "db", "198.18.0.3")
+DB1 = peer("db-1", "db", "198.18.0.4")
+AGENT = peer("agent-x", "agent", "198.18.0.1", namespace="kube-system")  # hostNetwork
+DB_SERVICE = ServiceIdentity("db.shop.svc.cluster.local", "db", "shop")
+
+
+@dataclass
+class FakeDirectory:
+    is_synced: bool = True
+    by_uid: dict[str, PeerIdentity] = field(default_factory=dict)
+    by_ip: dict[str, PeerIdentity] = field(default_factory=dict)
+    cluster_ips: dict[tuple[str, int], ServiceIdentity] = field(default_factory=dict)
+    endpoints: dict[tuple[str, int], ServiceIdentity] = field(default_factory=dict)
+    pod_network: str = "198.18."
+    ip_queries: list[tuple[str, float | None]] = field(default_factory=list)
+
+    def synced(self) -> bool:
+        return self.is_synced
+
+    def pod_by_ip(self, address: str, at: float | None = None) -> PeerIdentity | None:
+        self.ip_queries.append((address, at))
+        return self.by_ip.get(address)
+
+    def pod_by_uid(self, uid: str) -> PeerIdentity | None:
+        return self.by_uid.get(uid)
+
+    def service_by_cluster_ip(self, address: str, port: int | None = None):
+        return self.cluster_ips.get((address, port))
+
+    def service_by_endpoint(self, address: str, port: int):
+        return self.endpoints.get((address, port))
+
+    def may_be_pod_ip(self, address: str) -> bool:
+        return address.startswith(self.pod_network) and address != "198.18.0.1"
+
+
+class FakeNat:
+    def __init__(self, entries=()) -> None:
+        # (orig src, orig dst, reply src, reply dst)
+        self.entries = [tuple(Endpoint(*e) for e in entry) for entry in entries]
+
+    def translated_destination(self, source, destination):
+        for osrc, odst, rsrc, _ in self.entries:
+            if (osrc, odst) == (source, destination):
+                return rsrc
+        return None
+
+    def original_tuple(self, client, server):
+        for osrc, odst, rsrc, rdst in self.entries:
+            if (rsrc, rdst) == (server, client):
+                return osrc, odst
+        return None
+
+
+class Peers:
+    def __init__(self, *samples: SocketSample) -> None:
+        self.samples = samples
+
+    def peer_of(self, sample: SocketSample) -> SocketSample | None:
+        for other in self.samples:
+            if (other.local, other.remote) == (sample.remote, sample.local):
+                return other
+        return None
+
+
+NO_PEERS = Peers()
+
+
+def sample(
+    local: tuple[str, int],
+    remote: tuple[str, int],
+    role: Role,
+    *,
+    netns: int = 0,
+    pid: int = 0,
+    socket_id: int = 1,
+) -> SocketSample:
+    return SocketSample(
+        socket_id=socket_id,
+        sent_bytes=10,
+        received_bytes=20,
+        local=Endpoint(*local),
+        remote=Endpoint(*remote),
+        role=role,
+        flags=SocketFlag.OPENED,
+        netns=netns,
+        pid=pid,
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(directory: FakeDirectory | None = None, nat: FakeNat | None = None, clock=None):
+    directory = directory or FakeDirectory(
+        by_uid={"uid-web": WEB, "uid-db0": DB0, "uid-db1": DB1, "uid-agent": AGENT},
+        by_ip={"198.18.0.2": WEB, "198.18.0.3": DB0, "198.18.0.4": DB1},
+        cluster_ips={("198.19.0.10", 27017): DB_SERVICE},
+        endpoints={("198.18.0.3", 27017): DB_SERVICE, ("198.18.0.4", 27017): DB_SERVICE},
+    )
+    netns = {WEB_NS: "uid-web", DB_NS: "uid-db0"}
+    cgroups = {100: "uid-web", 200: "uid-db0", 300: "uid-agent"}
+
+    class Netns:
+        def pod_uid_of_netns(self, inode):
+            return netns.get(inode)
+
+    class Cgroups:
+        def pod_uid_of_pid(self, pid):
+            return cgroups.get(pid)
+
+    enricher = KubernetesEnricher(
+        directory,
+        netns=Netns(),
+        processes=Cgroups(),
+        nat=nat or FakeNat(),
+        clock=clock or Clock(),
+    )
+    return enricher, directory
+
+
+def at(identity: PeerIdentity, address: str, port: int) -> PeerIdentity:
+    from dataclasses import replace
+
+    return replace(identity, ip=address, port=port)
+
+
+def test_pod_to_pod_direct_from_both_ends() -> None:
+    enricher, _ = make()
+    client = sample(("198.18.0.2", 40000), ("198.18.0.3", 27017), Role.CLIENT, netns=WEB_NS)
+    server = sample(
+        ("198.18.0.3", 27017), ("198.18.0.2", 40000), Role.SERVER, netns=DB_NS, socket_id=2
+    )
+    peers = Peers(client, server)
+    expected_source = at(WEB, "198.18.0.2", 40000)
+    expected_destination = at(DB0, "198.18.0.3", 27017)
+    assert enricher.attributes(client, peers, final=False) == ConnectionAttributes(
+        Reporter.SOURCE, expected_source, expected_destination, DB_SERVICE
+    )
+    assert enricher.attributes(server, peers, final=False) == ConnectionAttributes(
+        Reporter.DESTINATION, expected_source, expected_destination, DB_SERVICE
+    )
+
+
+def test_cluster_ip_backend_comes_from_conntrack() -> None:
+    nat = FakeNat(
+        [
+            (("198.18.0.2", 40000), ("198.19.0.10", 27017), ("198.18.0.4", 27017),
+             ("198.18.0.2", 40000)),
+        ]
+    )
+    enricher, _ = make(nat=nat)
+    client = sample(("198.18.0.2", 40000), ("198.19.0.10", 27017), Role.CLIENT, netns=WEB_NS)
+    attributes = enricher.attributes(client, NO_PEERS, final=False)
+    assert attributes == ConnectionAttributes(
+        Reporter.SOURCE, at(WEB, "198.18.0.2", 40000), at(DB1, "198.18.0.4", 27017), DB_SERVICE
+    )
+    server = sample(("198.18.0.4", 27017), ("198.18.0.2", 40000), Role.SERVER, netns=DB_NS)
+    # netns DB_NS says db-0 in this fake; the server view takes the local pod from it
+    assert enricher.attributes(server, NO_PEERS, final=False).service == DB_SERVICE
+
+
+def test_cluster_ip_without_conntrack_entry_keeps_the_service() -> None:
+    enricher, _ = make()
+    client = sample(("198.18.0.2", 40000), ("198.19.0.10", 27017), Role.CLIENT, netns=WEB_NS)
+    attributes = enricher.attributes(client, NO_PEERS, final=False)
+    assert attributes.destination == PeerIdentity(ip="198.19.0.10", port=27017)
+    assert attributes.destination.workload == "unknown"
+    assert attributes.service == DB_SERVICE
+
+
+def test_server_behind_masquerade_gets_the_real_client_and_service() -> None:
+    nat = FakeNat(
+        [
+            (("198.18.0.2", 40000), ("198.19.0.10", 27017), ("198.18.0.3", 27017),
+             ("198.18.0.1", 61000)),
+        ]
+    )
+    enricher, _ = make(nat=nat)
+    server = sample(("198.18.0.3", 27017), ("198.18.0.1", 61000), Role.SERVER, netns=DB_NS)
+    assert enricher.attributes(server, NO_PEERS, final=False) == ConnectionAttributes(
+        Reporter.DESTINATION, at(WEB, "198.18.0.2", 40000), at(DB0, "198.18.0.3", 27017),
+        DB_SERVICE,
+    )
+
+
+def test_pod_local_loopback_is_the_pod_itself() -> None:
+    enricher, _ = make()
+    client = sample(("127.0.0.1", 50000), ("127.0.0.1", 27017), Role.CLIENT, netns=DB_NS)
+    server = sample(
+        ("127.0.0.1", 27017), ("127.0.0.1", 50000), Role.SERVER, netns=DB_NS, socket_id=2
+    )
+    for socket in (client, server):
+        attributes = enricher.attributes(socket, NO_PEERS, final=False)
+        assert attributes.source == at(DB0, "127.0.0.1", 50000)
+        assert attributes.destination == at(DB0, "127.0.0.1", 27017)
+        assert attributes.service == DB_SERVICE  # db-0's own address is a db endpoint
+
+
+def test_host_network_pods_are_found_by_cgroup_and_peer_socket() -> None:
+    enricher, _ = make()
+    client = sample(
+        ("198.18.0.1", 45000), ("198.18.0.3", 27017), Role.CLIENT, netns=HOST_NS, pid=300
+    )
+    server = sample(
+        ("198.18.0.3", 27017), ("198.18.0.1", 45000), Role.SERVER, netns=DB_NS, socket_id=2
+    )
+    peers = Peers(client, server)
+    for socket in (client, server):
+        attributes = enricher.attributes(socket, peers, final=False)
+        assert attributes.source == at(AGENT, "198.18.0.1", 45000)
+        assert attributes.destination == at(DB0, "198.18.0.3", 27017)
+
+
+def test_not_synced_waits_unless_final() -> None:
+    enricher, directory = make()
+    directory.is_synced = False
+    client = sample(("198.18.0.2", 40000), ("198.18.0.3", 27017), Role.CLIENT, netns=WEB_NS)
+    assert enricher.attributes(client, NO_PEERS, final=False) is None
+    assert enricher.attributes(client, NO_PEERS, final=True).destination.workload == "db"
+
+
+def test_pod_not_in_cache_yet_waits_unless_final() -> None:
+    enricher, directory = make()
+    del directory.by_uid["uid-web"]
+    del directory.by_ip["198.18.0.2"]
+    client = sample(("198.18.0.2", 40000), ("198.18.0.3", 27017), Role.CLIENT, netns=WEB_NS)
+    assert enricher.attributes(client, NO_PEERS, final=False) is None
+    final = enricher.attributes(client, NO_PEERS, final=True)
+    assert final.source == PeerIdentity(ip="198.18.0.2", port=40000)
+    assert final.destination.workload == "db"
+
+
+def test_unknown_address_in_the_pod_network_waits_but_external_does_not() -> None:
+    enricher, _ = make()
+    to_new_pod = sample(("198.18.0.2", 40000), ("198.18.0.9", 80), Role.CLIENT, netns=WEB_NS)
+    assert enricher.attributes(to_new_pod, NO_PEERS, final=False) is None
+    external = sample(("198.18.0.2", 40001), ("203.0.113.7", 443), Role.CLIENT, netns=WEB_NS)
+    attributes = enricher.attributes(external, NO_PEERS, final=False)
+    assert attributes == ConnectionAttributes(
+        Reporter.SOURCE,
+        at(WEB, "198.18.0.2", 40001),
+        PeerIdentity(ip="203.0.113.7", port=443),
+        ServiceIdentity(),
+    )
+
+
+def test_ip_lookups_use_the_time_the_socket_was_first_seen() -> None:
+    clock = Clock()
+    enricher, directory = make(clock=clock)
+    del directory.by_ip["198.18.0.3"]
+    client = sample(("198.18.0.2", 40000), ("198.18.0.3", 27017), Role.CLIENT, netns=WEB_NS)
+    assert enricher.attributes(client, NO_PEERS, final=False) is None
+    clock.now = 1005.0
+    directory.by_ip["198.18.0.3"] = DB0
+    assert enricher.attributes(client, NO_PEERS, final=False).destination.workload == "db"
+    assert [query for query in directory.ip_queries if query[0] == "198.18.0.3"] == [
+        ("198.18.0.3", 1000.0),
+        ("198.18.0.3", 1000.0),
+    ]
+    assert enricher._first_seen == {}  # forgotten once answered
+
+
+@pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER])
+def test_ipv6_and_mapped_addresses(role: Role) -> None:
+    web6 = peer("web-1", "web", "2001:db8::2")
+    db6 = peer("db-0", "db", "2001:db8::3")
+    directory = FakeDirectory(
+        by_uid={"uid-web": web6},
+        by_ip={"2001:db8::3": db6, "2001:db8::2": web6},
+        pod_network="2001:db8:",
+    )
+    enricher, _ = make(directory)
+    local, remote = ("2001:db8::2", 40000), ("2001:db8::3", 27017)
+    if role is Role.SERVER:
+        local, remote = remote, local
+    socket = sample(local, remote, role, netns=WEB_NS if role is Role.CLIENT else 0)
+    attributes = enricher.attributes(socket, NO_PEERS, final=False)
+    assert (attributes.source.workload, attributes.destination.workload) == ("web", "db")
+    assert attributes.reporter is (Reporter.SOURCE if role is Role.CLIENT else Reporter.DESTINATION)
