@@ -273,6 +273,112 @@ def _has_bpf_capabilities() -> bool:
     return False
 
 
+@main.command()
+@click.option(
+    "--btf-path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default="/sys/kernel/btf/vmlinux",
+    envvar=_env("BTF_PATH"),
+    show_default=True,
+)
+@click.option(
+    "--cgroup-root",
+    type=click.Path(path_type=Path, file_okay=False),
+    default="/sys/fs/cgroup",
+    envvar=_env("CGROUP_ROOT"),
+    show_default=True,
+)
+@click.option(
+    "--kubeconfig", type=click.Path(path_type=Path, dir_okay=False), envvar=_env("KUBECONFIG")
+)
+@click.option("--kubernetes/--no-kubernetes", default=None, envvar=_env("KUBERNETES"))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def check(
+    btf_path: Path,
+    cgroup_root: Path,
+    kubeconfig: Path | None,
+    kubernetes: bool | None,
+    as_json: bool,
+) -> None:
+    """Preflight: kernel, BTF, lockdown, headers, which backends load here, capabilities,
+    cgroups, conntrack, Kubernetes. Exit 0 only if `run` can work; each failure says how to
+    fix it."""
+    from agent.preflight import passed, render, run_checks
+
+    logging.basicConfig(level="ERROR")
+    findings = run_checks(
+        btf_path=btf_path, cgroup_root=cgroup_root, kubeconfig=kubeconfig, kubernetes=kubernetes
+    )
+    click.echo(render(findings, as_json))
+    sys.exit(0 if passed(findings) else 1)
+
+
+@main.command()
+@click.option(
+    "--interval",
+    default="1",
+    show_default=True,
+    callback=_parsed(parse_interval),
+    help="Refresh interval (>= 1 s).",
+)
+@click.option("--once", is_flag=True, help="Print one snapshot after one interval and exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --once: JSON for scripts.")
+@click.option(
+    "--sort", type=click.Choice(["total", "tx", "rx"]), default="total", show_default=True
+)
+@click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKEND_CHOICES),
+    default="auto",
+    envvar=_env("BACKEND"),
+    show_default=True,
+)
+@click.option(
+    "--proc-root",
+    type=click.Path(path_type=Path, file_okay=False),
+    default="/proc",
+    envvar=_env("PROC_ROOT"),
+    show_default=True,
+)
+def top(
+    interval: float, once: bool, as_json: bool, sort: str, limit: int, backend: str, proc_root: Path
+) -> None:
+    """Live view of connections and workload pairs with bytes/s in both directions."""
+    from agent.ebpf.backends import BackendUnavailable
+    from agent.live import RateTracker, run_top
+    from agent.wiring import open_counting
+
+    logging.basicConfig(level="ERROR")
+    if as_json and not once:
+        raise click.UsageError("--json needs --once (a live view is not JSON)")
+    if os.geteuid() != 0 and not _has_bpf_capabilities():
+        sys.exit(_fail("needs root (or CAP_BPF and CAP_PERFMON); run with sudo"))
+    try:
+        tracer, accountant = open_counting(
+            Settings(backend=backend, proc_root=proc_root, interval=interval)
+        )
+    except BackendUnavailable as error:
+        sys.exit(_fail(f"cannot load the kernel side: {error}"))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        run_top(
+            tracer,
+            RateTracker(accountant),
+            interval=interval,
+            once=once,
+            as_json=as_json,
+            sort=sort,
+            limit=limit,
+            stop=stop,
+        )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        tracer.close()
+
+
 @main.group()
 def config() -> None:
     """Check and show metric definitions."""

@@ -53,6 +53,18 @@ def build_agent(settings: Settings) -> RunningAgent:
         raise
 
 
+def open_counting(settings: Settings) -> tuple[KernelTracer, Accountant]:
+    """The kernel side and accounting without the HTTP endpoint (``tcpacct top``)."""
+    tracer = open_tracer(
+        settings.backend,
+        btf_path=settings.btf_path,
+        capacities=Capacities(sockets=settings.max_sockets, closed=settings.max_closed),
+        listeners=lambda: listening_sockets(settings.proc_root),
+    )
+    enricher = LocalEnricher(ProcessNames(settings.proc_root).name)
+    return tracer, Accountant(load_catalogue(settings.config_files), enricher)
+
+
 def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgent:
     catalogue = load_catalogue(settings.config_files)
     registry = CollectorRegistry(auto_describe=False)
@@ -77,12 +89,11 @@ def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgen
     closers.append(server.close)
     server.start()
 
-    listeners = listening_sockets(settings.proc_root)
     tracer = open_tracer(
         settings.backend,
         btf_path=settings.btf_path,
         capacities=Capacities(sockets=settings.max_sockets, closed=settings.max_closed),
-        listeners=listeners,
+        listeners=lambda: listening_sockets(settings.proc_root),
     )
     closers.append(tracer.close)
     enricher = LocalEnricher(ProcessNames(settings.proc_root).name)

@@ -16,7 +16,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,20 +227,21 @@ def open_tracer(
     *,
     btf_path: Path = Path("/sys/kernel/btf/vmlinux"),
     capacities: Capacities = Capacities(),
-    listeners: Iterable[ListeningSocket] = (),
+    listeners: Callable[[], Iterable[ListeningSocket]] = lambda: (),
     bpf_dir: Path = BPF_DIR,
     sys_root: Path = Path("/sys"),
     release: str | None = None,
 ) -> KernelTracer:
     """Load and attach a backend; ``"auto"`` takes the first of BACKENDS that works here.
 
+    ``listeners`` is called after the lifecycle hooks are attached (they record every later
+    listen()) and before the byte hooks are, so no listener falls between the two.
     Raises BackendUnavailable naming, for each backend tried, what is missing.
     """
     release = release or os.uname().release
     btf = Btf.from_path(btf_path)
     apply_headers(choose_headers(release))
     candidates = BACKENDS if backend == "auto" else (backend,)
-    listeners = list(listeners)
     reasons: list[str] = []
     for name in candidates:
         bpf = None
@@ -249,7 +250,7 @@ def open_tracer(
             bpf = _compile(plan, btf, capacities, bpf_dir)
             _attach(bpf, plan, byte_hooks=False)
             tracer = KernelTracer(bpf, plan, capacities)
-            tracer.seed_listeners(listeners)
+            tracer.seed_listeners(listeners())
             _attach(bpf, plan, byte_hooks=True)
             log.info("backend %s attached (%s)", name, ", ".join(h.target for h in plan.hooks))
             return tracer

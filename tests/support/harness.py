@@ -32,7 +32,7 @@ def open_test_tracer(backend: str, capacities: Capacities | None = None) -> Kern
     return open_tracer(
         backend,
         capacities=capacities or Capacities(sockets=65536, closed=65536),
-        listeners=listening_sockets(),
+        listeners=listening_sockets,
     )
 
 
