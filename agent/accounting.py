@@ -41,6 +41,7 @@ from agent.model import (
 
 MISSING_POLLS_BEFORE_SPILLED = 2
 TOMBSTONE_POLLS = 16
+OVERFLOW = "~other"
 
 
 @dataclass(slots=True)
@@ -78,6 +79,8 @@ class AccountingStats:
     untracked_sockets: int
     spilled_sockets: int
     series: int
+    overflowed_connections: int = 0
+    expired_series: int = 0
 
 
 class _Peers:
@@ -123,12 +126,23 @@ class Accountant:
         enricher: Enricher,
         *,
         max_wait_polls: int = 3,
+        max_series: int | None = None,
+        series_ttl: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``max_series``: past it, a new label set folds into the metric's ``~other`` series.
+        ``series_ttl``: a series no live connection feeds and that has not moved for this
+        long expires (the workload is gone)."""
         self._catalogue = catalogue
         self._enricher = enricher
         self._max_wait = max_wait_polls
+        self._max_series = max_series
+        self._series_ttl = series_ttl
         self._clock = clock
+        self._touched: dict[SeriesKey, float] = {}
+        self._overflowed = 0
+        self._expired = 0
+        self._last_expiry = clock()
         self._lock = threading.Lock()
         self._tracked: dict[int, _Tracked] = {}
         self._totals: dict[SeriesKey, int] = {}
@@ -151,6 +165,7 @@ class Accountant:
                 self._advance(sample, peers, final=True)
             self._notice_vanished(seen)
             self._fold_kernel_counters(poll)
+            self._expire_idle_series()
 
     def _advance(self, sample: SocketSample, peers: _Peers, *, final: bool) -> None:
         sid = sample.socket_id
@@ -171,9 +186,7 @@ class Accountant:
             if attributes is None:
                 raise RuntimeError("enricher returned None for a final sample")
             tracked.attributes = attributes
-            tracked.series = self._series_for(attributes)
-            for key, _ in tracked.series:
-                self._totals.setdefault(key, 0)
+            tracked.series = self._admit(self._series_for(attributes))
         self._count(tracked, sample)
         if final:
             del self._tracked[sid]
@@ -201,10 +214,50 @@ class Accountant:
         tracked.closed_counted |= bool(connection[ValueSource.CONNECTIONS_CLOSED])
         assert tracked.series is not None
         totals = self._totals
+        now = None
         for key, source in tracked.series:
             amount = connection[source]
             if amount:
                 totals[key] = totals.get(key, 0) + amount
+                now = now or self._clock()
+                self._touched[key] = now
+
+    def _admit(
+        self, series: tuple[tuple[SeriesKey, ValueSource], ...]
+    ) -> tuple[tuple[SeriesKey, ValueSource], ...]:
+        """Create a connection's series, folding new label sets past the budget into
+        ``~other``; existing series are always reused."""
+        now = self._clock()
+        admitted = []
+        overflowed = False
+        for key, source in series:
+            if (
+                key not in self._totals
+                and self._max_series is not None
+                and len(self._totals) >= self._max_series
+            ):
+                key = SeriesKey(key.metric, (OVERFLOW,) * len(key.labels))
+                overflowed = True
+            if key not in self._totals:
+                self._totals[key] = 0
+                self._touched[key] = now
+            admitted.append((key, source))
+        self._overflowed += overflowed
+        return tuple(admitted)
+
+    def _expire_idle_series(self) -> None:
+        if self._series_ttl is None:
+            return
+        now = self._clock()
+        if now - self._last_expiry < min(60.0, self._series_ttl / 4):
+            return
+        self._last_expiry = now
+        fed = {key for t in self._tracked.values() if t.series for key, _ in t.series}
+        for key, touched in list(self._touched.items()):
+            if now - touched > self._series_ttl and key not in fed:
+                del self._touched[key]
+                self._totals.pop(key, None)
+                self._expired += 1
 
     def _series_for(
         self, attributes: ConnectionAttributes
@@ -279,11 +332,10 @@ class Accountant:
             kept_names = {d.name for d in catalogue.definitions() if _fingerprint(d) in old}
             self._catalogue = catalogue
             self._totals = {k: v for k, v in self._totals.items() if k.metric in kept_names}
+            self._touched = {k: v for k, v in self._touched.items() if k in self._totals}
             for tracked in self._tracked.values():
                 if tracked.attributes is not None:
-                    tracked.series = self._series_for(tracked.attributes)
-                    for key, _ in tracked.series:
-                        self._totals.setdefault(key, 0)
+                    tracked.series = self._admit(self._series_for(tracked.attributes))
 
     # -- reading -----------------------------------------------------------------------------
     def families(self) -> list[FamilySnapshot]:
@@ -311,6 +363,8 @@ class Accountant:
                 untracked_sockets=self._kernel_untracked[2],
                 spilled_sockets=self._kernel_spilled_sockets,
                 series=len(self._totals),
+                overflowed_connections=self._overflowed,
+                expired_series=self._expired,
             )
 
 

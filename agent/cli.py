@@ -26,6 +26,8 @@ from agent.settings import (
     parse_capacity,
     parse_interval,
     parse_listen,
+    parse_max_series,
+    parse_ttl,
 )
 
 log = logging.getLogger("tcpacct")
@@ -109,6 +111,22 @@ def main() -> None:
     envvar=_env("CONFIG"),
     type=click.Path(path_type=Path, dir_okay=False),
     help="Metric definitions (native or Istio Mixer YAML); repeatable.",
+)
+@click.option(
+    "--max-series",
+    default="10000",
+    show_default=True,
+    envvar=_env("MAX_SERIES"),
+    callback=_parsed(parse_max_series),
+    help="Series budget; new label sets past it fold into '~other'.",
+)
+@click.option(
+    "--series-ttl",
+    default="10m",
+    show_default=True,
+    envvar=_env("SERIES_TTL"),
+    callback=_parsed(parse_ttl),
+    help="Expire series idle this long with no live connection (0: never).",
 )
 @click.option(
     "--kubernetes/--no-kubernetes",

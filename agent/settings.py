@@ -45,22 +45,30 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
-def parse_interval(text: str | float) -> float:
-    """Report interval in seconds: ``"10"`` -> 10.0, ``"1.5s"`` -> 1.5, ``"2m"`` -> 120.0.
-
-    At least 1 s (as Istio's); smaller, negative, NaN or malformed values are refused.
-    """
+def parse_duration(text: str | float, flag: str) -> float:
+    """Seconds from ``"10"``, ``"1.5s"``, ``"250ms"`` or ``"2m"`` -> 10.0, 1.5, 0.25, 120.0."""
     raw = str(text).strip().lower()
     scale = 1.0
-    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
         if raw.endswith(suffix):
             raw, scale = raw[: -len(suffix)], factor
             break
     try:
         seconds = float(raw) * scale
     except ValueError:
-        raise SettingsError(f"--interval {text!r}: expected seconds, e.g. 10, 1.5s or 1m") from None
-    if not math.isfinite(seconds) or seconds < MIN_INTERVAL_SECONDS:
+        raise SettingsError(f"{flag} {text!r}: expected seconds, e.g. 10, 1.5s or 1m") from None
+    if not math.isfinite(seconds):
+        raise SettingsError(f"{flag} {text!r}: not a finite duration")
+    return seconds
+
+
+def parse_interval(text: str | float) -> float:
+    """Report interval in seconds: ``"10"`` -> 10.0, ``"1.5s"`` -> 1.5, ``"2m"`` -> 120.0.
+
+    At least 1 s (as Istio's); smaller, negative, NaN or malformed values are refused.
+    """
+    seconds = parse_duration(text, "--interval")
+    if seconds < MIN_INTERVAL_SECONDS:
         raise SettingsError(
             f"--interval {text!r}: the report interval must be at least {MIN_INTERVAL_SECONDS:g} s"
         )
@@ -80,6 +88,27 @@ def parse_capacity(text: str | int, flag: str = "--max-sockets") -> int:
             f"{flag} {value}: must be between {MIN_MAP_CAPACITY} and {MAX_MAP_CAPACITY}"
         )
     return value
+
+
+def parse_max_series(text: str | int) -> int:
+    """Series budget: ``"10000"`` -> 10000 (at least 10)."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise SettingsError(f"--max-series {text!r}: expected a whole number") from None
+    if value < 10:
+        raise SettingsError(f"--max-series {value}: at least 10")
+    return value
+
+
+def parse_ttl(text: str | float) -> float:
+    """Series TTL: ``"10m"`` -> 600.0; at least 1 minute, ``"0"`` disables expiry (-> 0.0)."""
+    if str(text).strip() in ("0", "0s", "off"):
+        return 0.0
+    seconds = parse_duration(text, "--series-ttl")
+    if seconds < 60:
+        raise SettingsError(f"--series-ttl {text!r}: at least 1m (or 0 to disable)")
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)

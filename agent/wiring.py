@@ -19,6 +19,7 @@ from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
 from agent.enrich.local import LocalEnricher
 from agent.exporter import TcpacctCollector
 from agent.metrics.catalogue import load_catalogue
+from agent.metrics.reloading import ConfigWatcher
 from agent.pipeline import Agent
 from agent.resolve.listening import listening_sockets
 from agent.resolve.processes import ProcessNames
@@ -97,7 +98,12 @@ def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgen
     )
     closers.append(tracer.close)
     enricher = LocalEnricher(ProcessNames(settings.proc_root).name)
-    accountant = Accountant(catalogue, enricher)
+    accountant = Accountant(
+        catalogue,
+        enricher,
+        max_series=settings.max_series,
+        series_ttl=settings.series_ttl or None,
+    )
     agent = Agent(
         tracer,
         accountant,
@@ -106,4 +112,8 @@ def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgen
     )
     holder["agent"] = agent
     registry.register(TcpacctCollector(accountant, agent.self_metrics))
+    if settings.config_files:
+        watcher = ConfigWatcher(settings.config_files, agent.reload)
+        watcher.start()
+        closers.append(watcher.stop)
     return RunningAgent(agent, server, tracer, server.port, closers)
