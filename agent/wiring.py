@@ -16,12 +16,20 @@ from prometheus_client.registry import CollectorRegistry
 
 from agent.accounting import Accountant
 from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
+from agent.enrich.kubernetes import KubernetesEnricher
 from agent.enrich.local import LocalEnricher
-from agent.exporter import TcpacctCollector
+from agent.exporter import SelfMetric, TcpacctCollector
+from agent.k8s.cache import KubernetesCache
+from agent.k8s.client import api_client, in_cluster_available
+from agent.k8s.identity import IdentityRules
 from agent.metrics.catalogue import load_catalogue
 from agent.metrics.reloading import ConfigWatcher
+from agent.model import Enricher
 from agent.pipeline import Agent
+from agent.resolve.cgroups import CgroupResolver
+from agent.resolve.conntrack import ConntrackResolver
 from agent.resolve.listening import listening_sockets
+from agent.resolve.netns import NetnsResolver
 from agent.resolve.processes import ProcessNames
 from agent.serving import EndpointSecurity, Health, MetricsServer
 from agent.settings import Settings
@@ -52,6 +60,91 @@ def build_agent(settings: Settings) -> RunningAgent:
             with contextlib.suppress(Exception):
                 closer()
         raise
+
+
+@dataclass
+class EnrichmentMode:
+    """Local or Kubernetes enrichment, with what it adds to readiness and self-metrics."""
+
+    name: str
+    enricher: Enricher
+    readiness: Callable[[], Health] | None = None
+    self_metrics: Callable[[], list[SelfMetric]] = lambda: []
+
+
+def kubernetes_wanted(settings: Settings) -> bool:
+    """Forced by --kubernetes/--no-kubernetes, else on in a cluster or with --kubeconfig."""
+    if settings.kubernetes is not None:
+        return settings.kubernetes
+    return settings.kubeconfig is not None or in_cluster_available()
+
+
+def _enrichment(settings: Settings, closers: list[Callable[[], None]]) -> EnrichmentMode:
+    if not kubernetes_wanted(settings):
+        return EnrichmentMode("local", LocalEnricher(ProcessNames(settings.proc_root).name))
+    api = api_client(str(settings.kubeconfig) if settings.kubeconfig else None)
+    cache = KubernetesCache(
+        api,
+        rules=IdentityRules(cluster_name=settings.cluster_name, trust_domain=settings.trust_domain),
+    )
+    cache.start()  # the API server may be down: watchers retry with backoff meanwhile
+    closers.append(cache.stop)
+    cgroups = CgroupResolver(settings.proc_root)
+    nat = ConntrackResolver()
+    closers.append(nat.close)
+    enricher = KubernetesEnricher(
+        cache, netns=NetnsResolver(settings.proc_root, cgroups=cgroups), processes=cgroups, nat=nat
+    )
+
+    def readiness() -> Health:
+        if cache.synced():
+            return Health(True, "ready (Kubernetes cache synced)")
+        return Health(False, "Kubernetes cache not synced yet (counting goes on meanwhile)")
+
+    def self_metrics() -> list[SelfMetric]:
+        stats = cache.stats()
+        per_kind = [
+            (
+                "tcpacct_k8s_cache_objects",
+                "Objects in the Kubernetes cache",
+                "gauge",
+                stats.objects,
+            ),
+            (
+                "tcpacct_k8s_watch_restarts_total",
+                "Watch streams restarted",
+                "counter",
+                stats.watch_restarts,
+            ),
+            (
+                "tcpacct_k8s_relists_total",
+                "Full relists (410 Gone, start, errors)",
+                "counter",
+                stats.relists,
+            ),
+            ("tcpacct_k8s_api_errors_total", "Kubernetes API errors", "counter", stats.api_errors),
+            (
+                "tcpacct_k8s_lookup_misses_total",
+                "Lookups that found nothing",
+                "counter",
+                stats.lookup_misses,
+            ),
+        ]
+        metrics = [
+            SelfMetric(name, text, kind, [({"kind": k}, v) for k, v in sorted(values.items())])
+            for name, text, kind, values in per_kind
+        ]
+        metrics.append(
+            SelfMetric(
+                "tcpacct_k8s_cache_synced",
+                "1 once every kind has listed",
+                "gauge",
+                [({}, int(stats.synced))],
+            )
+        )
+        return metrics
+
+    return EnrichmentMode("kubernetes", enricher, readiness, self_metrics)
 
 
 def open_counting(settings: Settings) -> tuple[KernelTracer, Accountant]:
@@ -97,10 +190,10 @@ def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgen
         listeners=lambda: listening_sockets(settings.proc_root),
     )
     closers.append(tracer.close)
-    enricher = LocalEnricher(ProcessNames(settings.proc_root).name)
+    mode = _enrichment(settings, closers)
     accountant = Accountant(
         catalogue,
-        enricher,
+        mode.enricher,
         max_series=settings.max_series,
         series_ttl=settings.series_ttl or None,
     )
@@ -109,6 +202,8 @@ def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgen
         accountant,
         interval=settings.interval,
         catalogue_loader=lambda: load_catalogue(settings.config_files),
+        extra_self_metrics=mode.self_metrics,
+        extra_readiness=mode.readiness,
     )
     holder["agent"] = agent
     registry.register(TcpacctCollector(accountant, agent.self_metrics))
