@@ -112,6 +112,8 @@ class _Unattributed:
 
     spilled_baseline_sent: int = 0  # already counted for sockets later declared spilled
     spilled_baseline_received: int = 0
+    missing_sent: int = 0  # already counted for sockets absent now, not yet declared spilled
+    missing_received: int = 0
     exported_sent: int = 0  # monotonic view
     exported_received: int = 0
     tombstones: dict[int, tuple[_Tracked, int]] = field(default_factory=dict)
@@ -273,10 +275,15 @@ class Accountant:
     def _notice_vanished(self, seen: set[int]) -> None:
         """Sockets gone from both maps: the kernel spilled their close (closed map full)."""
         unattributed = self._unattributed
+        unattributed.missing_sent = unattributed.missing_received = 0
         for sid in [sid for sid in self._tracked if sid not in seen]:
             tracked = self._tracked[sid]
             tracked.missing += 1
             if tracked.missing < MISSING_POLLS_BEFORE_SPILLED:
+                # Its spill may already be in the kernel counters read this poll: what was
+                # counted for it must not be exported as unattributed meanwhile.
+                unattributed.missing_sent += tracked.sent
+                unattributed.missing_received += tracked.received
                 continue
             del self._tracked[sid]
             unattributed.spilled_baseline_sent += tracked.sent
@@ -309,9 +316,11 @@ class Accountant:
 
     def _fold_kernel_counters(self, poll: KernelPoll) -> None:
         c, u = poll.counters, self._unattributed
-        sent = c.untracked_sent_bytes + max(0, c.spilled_sent_bytes - u.spilled_baseline_sent)
+        counted_sent = u.spilled_baseline_sent + u.missing_sent
+        counted_received = u.spilled_baseline_received + u.missing_received
+        sent = c.untracked_sent_bytes + max(0, c.spilled_sent_bytes - counted_sent)
         received = c.untracked_received_bytes + max(
-            0, c.spilled_received_bytes - u.spilled_baseline_received
+            0, c.spilled_received_bytes - counted_received
         )
         u.exported_sent = max(u.exported_sent, sent)
         u.exported_received = max(u.exported_received, received)

@@ -138,8 +138,8 @@ class Btf:
                 return self._resolve(type_id)
         raise BtfError(f"struct {name} not found in BTF")
 
-    def _members(self, type_id: int) -> list[tuple[str, int, int]]:
-        """(name, type id, bit offset) of a struct/union's direct members."""
+    def _members(self, type_id: int) -> list[tuple[str, int, int, int]]:
+        """(name, type id, bit offset, bitfield size or 0) of a struct/union's members."""
         pos = self._record[type_id]
         _, kind, vlen, kind_flag, _ = self._header(type_id)
         if kind not in (KIND_STRUCT, KIND_UNION):
@@ -149,9 +149,23 @@ class Btf:
             name_off, member_type, offset = struct.unpack_from(
                 "<III", self._types, pos + 12 + 12 * i
             )
-            bit_offset = offset & 0xFFFFFF if kind_flag else offset
-            out.append((self._string(name_off) if name_off else "", member_type, bit_offset))
+            if kind_flag:
+                bit_offset, bitfield = offset & 0xFFFFFF, offset >> 24
+            else:
+                bit_offset, bitfield = offset, self._int_bitfield(member_type)
+            name = self._string(name_off) if name_off else ""
+            out.append((name, member_type, bit_offset, bitfield))
         return out
+
+    def _int_bitfield(self, type_id: int) -> int:
+        """Old-style bitfields: an INT whose bit count is less than its size's."""
+        type_id = self._resolve(type_id)
+        _, kind, _, _, size = self._header(type_id)
+        if kind != KIND_INT:
+            return 0
+        (encoding,) = struct.unpack_from("<I", self._types, self._record[type_id] + 12)
+        bits, bit_offset = encoding & 0xFF, (encoding >> 16) & 0xFF
+        return bits if bits != size * 8 or bit_offset else 0
 
     def member(self, struct_name: str, member_name: str) -> Member:
         """A member of a struct, searched through anonymous structs/unions.
@@ -165,10 +179,10 @@ class Btf:
         return found
 
     def _find(self, type_id: int, name: str, base_bits: int) -> Member | None:
-        for member_name, member_type, bit_offset in self._members(type_id):
+        for member_name, member_type, bit_offset, bitfield in self._members(type_id):
             bits = base_bits + bit_offset
             if member_name == name:
-                if bits % 8:
+                if bits % 8 or bitfield:
                     raise BtfError(f"member {name} is a bitfield; no byte offset")
                 return Member(name, bits // 8, self.size_of(member_type), member_type)
             if not member_name:

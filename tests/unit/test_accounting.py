@@ -373,12 +373,6 @@ def test_vanished_socket_leaves_exactly_its_uncounted_rest_unattributed_when_spi
     assert (stats.tracked_sockets, stats.spilled_sockets) == (0, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: accounting._fold_kernel_counters folds the kernel's spilled total before "
-    "the vanished socket is declared spilled (2nd absent poll), so the bytes already counted "
-    "for it are exported again as unattributed, and the monotonic max keeps them forever",
-)
 def test_vanished_socket_leaves_exactly_its_uncounted_rest_unattributed() -> None:
     """Usual order: the close spilled before the next poll, so the spill is already in the
     counters of the first poll from which the socket is absent."""

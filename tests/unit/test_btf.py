@@ -112,11 +112,6 @@ def test_bitfield_not_on_a_byte_boundary_is_refused(kernel) -> None:
         btf.member("sock_common", "skc_reuseport")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: btf.Btf._find ignores the bitfield size of kind_flag members; a bitfield "
-    "that starts on a byte boundary (skc_reuse:4 at bit 152) comes back as a whole byte",
-)
 def test_bitfield_on_a_byte_boundary_is_refused(kernel) -> None:
     btf, _ = kernel
     with pytest.raises(BtfError, match="bitfield"):
@@ -423,11 +418,6 @@ def test_real_vmlinux_function_arity_agrees_with_bpftool(vmlinux, function) -> N
     assert btf.function_arity(function) == raw.attribute(proto, "vlen")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: btf.Btf._find returns byte-aligned bitfields as whole members "
-    "(sock_common.skc_reuse is a 4-bit field at bit 152 on this kernel)",
-)
 def test_real_vmlinux_byte_aligned_bitfield_is_refused(vmlinux) -> None:
     btf, raw = vmlinux
     found = raw.find(raw.struct_id("sock_common"), "skc_reuse")
