@@ -22,6 +22,8 @@ from agent.model import UNKNOWN, ConnectionAttributes, PeerIdentity, Reporter, V
 
 from .expressions import Attribute, ValueType
 
+EVENT_ATTRIBUTE = "connection.event"
+
 # What a metric counts, by the name its ``value`` gives.
 COUNTED: dict[str, ValueSource] = {source.value: source for source in ValueSource}
 
@@ -93,25 +95,38 @@ def _absent(_attributes: ConnectionAttributes) -> Any:
 def _peer_vocabulary(side: str) -> list[Attribute]:
     s, t = side, ValueType.STRING
     return [
-        Attribute(f"{s}.workload.name", t, "workload (Deployment, StatefulSet ...) name",
-                  _peer_text(s, "workload")),
+        Attribute(
+            f"{s}.workload.name",
+            t,
+            "workload (Deployment, StatefulSet ...) name",
+            _peer_text(s, "workload"),
+        ),
         Attribute(f"{s}.workload.namespace", t, "workload namespace", _peer_text(s, "namespace")),
         Attribute(f"{s}.namespace", t, "pod namespace", _peer_text(s, "namespace")),
         Attribute(f"{s}.name", t, "pod name", _peer_text(s, "pod_name")),
-        Attribute(f"{s}.uid", t, "Istio's kubernetes://<pod>.<namespace>",
-                  _peer_text(s, "uid")),
-        Attribute(f"{s}.ip", t, "address (IPv4-mapped IPv6 folded to IPv4)",
-                  _peer_text(s, "ip")),
+        Attribute(f"{s}.uid", t, "Istio's kubernetes://<pod>.<namespace>", _peer_text(s, "uid")),
+        Attribute(f"{s}.ip", t, "address (IPv4-mapped IPv6 folded to IPv4)", _peer_text(s, "ip")),
         Attribute(f"{s}.port", ValueType.INT, "port", _peer_port(s)),
-        Attribute(f"{s}.principal", t, "SPIFFE identity of the service account",
-                  _peer_text(s, "principal")),
+        Attribute(
+            f"{s}.principal",
+            t,
+            "SPIFFE identity of the service account",
+            _peer_text(s, "principal"),
+        ),
         Attribute(f"{s}.user", t, "legacy Mixer name of .principal", _peer_text(s, "principal")),
-        Attribute(f"{s}.labels", ValueType.STRING_MAP, "pod labels",
-                  lookup=_peer_label(s)),
-        Attribute(f"{s}.canonical.service", t, "tcpacct: Istio canonical service",
-                  _peer_text(s, "canonical_service")),
-        Attribute(f"{s}.canonical.revision", t, "tcpacct: Istio canonical revision",
-                  _peer_text(s, "canonical_revision")),
+        Attribute(f"{s}.labels", ValueType.STRING_MAP, "pod labels", lookup=_peer_label(s)),
+        Attribute(
+            f"{s}.canonical.service",
+            t,
+            "tcpacct: Istio canonical service",
+            _peer_text(s, "canonical_service"),
+        ),
+        Attribute(
+            f"{s}.canonical.revision",
+            t,
+            "tcpacct: Istio canonical revision",
+            _peer_text(s, "canonical_revision"),
+        ),
         Attribute(f"{s}.cluster.id", t, "tcpacct: cluster name", _peer_text(s, "cluster")),
     ]
 
@@ -121,23 +136,62 @@ def _build_vocabulary() -> dict[str, Attribute]:
     attributes = [
         *_peer_vocabulary("source"),
         *_peer_vocabulary("destination"),
-        Attribute("destination.service.host", t, "service FQDN, e.g. "
-                  "mongodb.default.svc.cluster.local", _service("host")),
+        Attribute(
+            "destination.service.host",
+            t,
+            "service FQDN, e.g. mongodb.default.svc.cluster.local",
+            _service("host"),
+        ),
         Attribute("destination.service.name", t, "service name", _service("name")),
-        Attribute("destination.service.namespace", t, "service namespace",
-                  _service("namespace")),
-        Attribute("destination.service", t, "legacy Mixer name of destination.service.host",
-                  _service("host")),
-        Attribute("source.service", t, "legacy Mixer 0.x name; tcpacct reads the source "
-                  "workload name, as Istio's later samples did", _peer_text("source", "workload")),
+        Attribute("destination.service.namespace", t, "service namespace", _service("namespace")),
+        Attribute(
+            "destination.service",
+            t,
+            "legacy Mixer name of destination.service.host",
+            _service("host"),
+        ),
+        Attribute(
+            "source.service",
+            t,
+            "legacy Mixer 0.x name; tcpacct reads the source "
+            "workload name, as Istio's later samples did",
+            _peer_text("source", "workload"),
+        ),
         Attribute("context.protocol", t, '"tcp"', _protocol),
-        Attribute("context.reporter.kind", t, '"outbound" (source reporter) or "inbound" '
-                  "(destination reporter)", _reporter_kind),
-        Attribute("connection.mtls", ValueType.BOOL, "never known to tcpacct (always absent)",
-                  _absent),
+        Attribute(
+            "context.reporter.kind",
+            t,
+            '"outbound" (source reporter) or "inbound" (destination reporter)',
+            _reporter_kind,
+        ),
+        Attribute(
+            "connection.mtls", ValueType.BOOL, "never known to tcpacct (always absent)", _absent
+        ),
+        Attribute(
+            "context.proxy_error_code",
+            t,
+            "Envoy's response flags: never known to tcpacct (always absent)",
+            _absent,
+        ),
+        Attribute(
+            EVENT_ATTRIBUTE,
+            t,
+            "Mixer's open/continue/close report",
+            _absent,
+            misuse="is only understood in an Istio rule's match, as a term such as "
+            '(connection.event | "na") == "open" joined by &&; in tcpacct\'s own format '
+            "use value connection.opened or connection.closed",
+        ),
     ]
     attributes += [
-        Attribute(name, ValueType.INT, f"counted: {source.name.lower()}", _absent, counted=True)
+        Attribute(
+            name,
+            ValueType.INT,
+            f"counted: {source.name.lower()}",
+            _absent,
+            misuse="is what a metric counts: use it as the metric's value, not in a "
+            "match or a dimension",
+        )
         for name, source in COUNTED.items()
     ]
     return {attribute.name: attribute for attribute in attributes}

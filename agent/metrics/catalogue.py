@@ -80,8 +80,9 @@ def builtin_metrics() -> list[CompiledMetric]:
     return list(_BUILTINS)
 
 
-def _read_files(paths: Sequence[Path]) -> tuple[list[CompiledMetric], list[ConfigProblem],
-                                                list[str]]:
+def _read_files(
+    paths: Sequence[Path],
+) -> tuple[list[CompiledMetric], list[ConfigProblem], list[str]]:
     builtins = builtin_metrics()
     builtin_labels = {metric.name: metric.label_names for metric in builtins}
     switches = BuiltinSwitches()
@@ -108,16 +109,22 @@ def _read_files(paths: Sequence[Path]) -> tuple[list[CompiledMetric], list[Confi
     for checker in checkers:
         problems += checker.problems
     order = {checker.file: index for index, checker in enumerate(checkers)}
-    configured = sorted(native + from_mixer,
-                        key=lambda m: (order.get(m.origin.file, len(order)), m.origin.line))
+    configured = sorted(
+        native + from_mixer, key=lambda m: (order.get(m.origin.file, len(order)), m.origin.line)
+    )
     metrics = switches.apply(builtins) + configured
     problems += _duplicates(metrics)
     return metrics, problems, mixer.warnings
 
 
-def _read_document(checker: FileChecker, document: Located, switches: BuiltinSwitches,
-                   builtin_labels: dict[str, tuple[str, ...]], mixer: MixerObjects,
-                   native: list[CompiledMetric]) -> None:
+def _read_document(
+    checker: FileChecker,
+    document: Located,
+    switches: BuiltinSwitches,
+    builtin_labels: dict[str, tuple[str, ...]],
+    mixer: MixerObjects,
+    native: list[CompiledMetric],
+) -> None:
     fields = checker.mapping(document, "", "a YAML document")
     if fields is None:
         return
@@ -126,9 +133,13 @@ def _read_document(checker: FileChecker, document: Located, switches: BuiltinSwi
     elif "apiVersion" in fields or "kind" in fields:
         api = fields.get("apiVersion")
         kind = fields.get("kind")
-        mixer.warn(checker, document, f"ignoring {kind.value if kind else '?'} "
-                   f"({api.value if api else 'no apiVersion'}): neither a tcpacct "
-                   "configuration nor a config.istio.io object")
+        mixer.warn(
+            checker,
+            document,
+            f"ignoring {kind.value if kind else '?'} "
+            f"({api.value if api else 'no apiVersion'}): neither a tcpacct "
+            "configuration nor a config.istio.io object",
+        )
     else:
         native.extend(read_native(checker, document, switches, builtin_labels))
 
@@ -140,10 +151,15 @@ def _duplicates(metrics: list[CompiledMetric]) -> list[ConfigProblem]:
     for metric in metrics:
         first = seen.setdefault(metric.name, metric)
         if first is not metric:
-            problems.append(ConfigProblem(
-                metric.origin.file, metric.origin.object, metric.origin.line, 0,
-                f"two metrics named {metric.name!r}: this one and the one at {first.origin}",
-            ))
+            problems.append(
+                ConfigProblem(
+                    metric.origin.file,
+                    metric.origin.object,
+                    metric.origin.line,
+                    0,
+                    f"two metrics named {metric.name!r}: this one and the one at {first.origin}",
+                )
+            )
     return problems
 
 
@@ -163,15 +179,20 @@ def load_catalogue(paths: Sequence[Path]) -> Catalogue:
 def render(catalogue: Catalogue) -> str:
     """YAML of the effective definitions, stable for ``tcpacct config show``::
 
-        metrics:
-        - name: istio_mongo_received_bytes
-          help: ...
-          kind: counter
-          value: connection.received.bytes
-          reporters: [destination]
-          match: (context.protocol == "tcp" && ...) && (...) == "default"
-          dimensions: {source_service: source.workload.name | "unknown", ...}
-          origin: tcp-metrics.yaml:40 (handler default/mongohandler via rule default/mongoprom)
+    metrics:
+    - name: istio_mongo_received_bytes
+      help: ...
+      kind: counter
+      value: connection.received.bytes
+      reporters: [destination]
+      match: (context.protocol == "tcp" && ...) && (...) == "default"
+      dimensions: {source_service: source.workload.name | "unknown", ...}
+      origin: tcp-metrics.yaml:40 (handler default/mongohandler via rule default/mongoprom)
     """
-    return yaml.safe_dump({"metrics": catalogue.describe()}, sort_keys=False,
-                          default_flow_style=False, allow_unicode=True, width=100)
+    return yaml.safe_dump(
+        {"metrics": catalogue.describe()},
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=100,
+    )

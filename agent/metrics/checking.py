@@ -10,6 +10,7 @@ the value, or ``None`` after recording a :class:`ConfigProblem` that points at t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from agent.model import ValueSource
@@ -21,9 +22,12 @@ from .expressions import (
     Binary,
     CompiledExpression,
     Literal,
+    Node,
     ValueType,
     compile_expression,
+    compile_tree,
     parse_expression,
+    unparse,
 )
 from .problems import ConfigProblem, ExpressionError
 
@@ -50,14 +54,23 @@ class FileChecker:
         self.file = file
         self.problems: list[ConfigProblem] = []
 
-    def problem(self, where: Located | None, obj: str, message: str,
-                column: int | None = None, line: int | None = None) -> None:
-        self.problems.append(ConfigProblem(
-            self.file, obj,
-            line if line is not None else (where.line if where else 0),
-            column if column is not None else (where.column if where else 0),
-            message,
-        ))
+    def problem(
+        self,
+        where: Located | None,
+        obj: str,
+        message: str,
+        column: int | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.problems.append(
+            ConfigProblem(
+                self.file,
+                obj,
+                line if line is not None else (where.line if where else 0),
+                column if column is not None else (where.column if where else 0),
+                message,
+            )
+        )
 
     def mapping(self, where: Located | None, obj: str, what: str) -> dict[Any, Located] | None:
         if where is None:
@@ -67,15 +80,22 @@ class FileChecker:
             return None
         return where.value
 
-    def field(self, parent: Located, fields: dict[Any, Located], key: str, obj: str,
-              required: bool) -> Located | None:
+    def field(
+        self, parent: Located, fields: dict[Any, Located], key: str, obj: str, required: bool
+    ) -> Located | None:
         located = fields.get(key)
         if located is None and required:
             self.problem(parent, obj, f"{key!r} is required")
         return located
 
-    def text(self, parent: Located, fields: dict[Any, Located], key: str, obj: str,
-             required: bool = False) -> str | None:
+    def text(
+        self,
+        parent: Located,
+        fields: dict[Any, Located],
+        key: str,
+        obj: str,
+        required: bool = False,
+    ) -> str | None:
         located = self.field(parent, fields, key, obj, required)
         if located is None:
             return None
@@ -84,19 +104,22 @@ class FileChecker:
             return None
         return located.value
 
-    def boolean(self, parent: Located, fields: dict[Any, Located], key: str, obj: str,
-                default: bool) -> bool:
+    def boolean(
+        self, parent: Located, fields: dict[Any, Located], key: str, obj: str, default: bool
+    ) -> bool:
         located = fields.get(key)
         if located is None:
             return default
         if not isinstance(located.value, bool):
-            self.problem(located, obj, f"{key} must be true or false, "
-                         f"found {kind_of(located.value)}")
+            self.problem(
+                located, obj, f"{key} must be true or false, found {kind_of(located.value)}"
+            )
             return default
         return located.value
 
-    def text_list(self, parent: Located, fields: dict[Any, Located], key: str,
-                  obj: str) -> list[tuple[str, Located]] | None:
+    def text_list(
+        self, parent: Located, fields: dict[Any, Located], key: str, obj: str
+    ) -> list[tuple[str, Located]] | None:
         located = fields.get(key)
         if located is None:
             return None
@@ -106,27 +129,41 @@ class FileChecker:
         items: list[tuple[str, Located]] = []
         for item in located.value:
             if not isinstance(item.value, str) or not item.value:
-                self.problem(item, obj, f"each item of {key} must be text, "
-                             f"found {kind_of(item.value)}")
+                self.problem(
+                    item, obj, f"each item of {key} must be text, found {kind_of(item.value)}"
+                )
             else:
                 items.append((item.value, item))
         return items
 
-    def unknown_keys(self, where: Located, fields: dict[Any, Located], allowed: set[str],
-                     obj: str) -> None:
+    def unknown_keys(
+        self, where: Located, fields: dict[Any, Located], allowed: set[str], obj: str
+    ) -> None:
         for key in fields:
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
                 line, column = where.key_position(key)
-                self.problem(where, obj, f"unknown field {key!r} (expected one of: {hint})",
-                             line=line, column=column)
+                self.problem(
+                    where,
+                    obj,
+                    f"unknown field {key!r} (expected one of: {hint})",
+                    line=line,
+                    column=column,
+                )
 
-    def expression(self, located: Located, obj: str, role: str,
-                   expected: ValueType | None = None) -> CompiledExpression | None:
+    def expression(
+        self,
+        located: Located,
+        obj: str,
+        role: str,
+        expected: ValueType | None = None,
+        transform: Callable[[Node], Node] | None = None,
+    ) -> CompiledExpression | None:
         """Compile the expression text in ``located``; a problem (with position) if it fails.
 
         ``expected=None`` is a dimension: text, integer or boolean (a number or boolean
-        written unquoted in YAML is taken as that literal, as Mixer did).
+        written unquoted in YAML is taken as that literal, as Mixer did). ``transform``
+        rewrites the parsed tree before it is compiled (and may raise ExpressionError).
         """
         value = located.value
         if isinstance(value, bool):
@@ -134,17 +171,22 @@ class FileChecker:
         elif isinstance(value, int):
             value = str(value)
         if not isinstance(value, str):
-            self.problem(located, obj, f"{role} must be an expression text, "
-                         f"found {kind_of(located.value)}")
+            self.problem(
+                located, obj, f"{role} must be an expression text, found {kind_of(located.value)}"
+            )
             return None
         try:
-            return compile_expression(value, VOCABULARY, expected)
+            if transform is None:
+                return compile_expression(value, VOCABULARY, expected)
+            tree = transform(parse_expression(value))
+            return compile_tree(tree, unparse(tree), VOCABULARY, expected)
         except ExpressionError as error:
             self._expression_problem(located, obj, role, error)
             return None
 
-    def _expression_problem(self, located: Located, obj: str, role: str,
-                            error: ExpressionError) -> None:
+    def _expression_problem(
+        self, located: Located, obj: str, role: str, error: ExpressionError
+    ) -> None:
         line, column, exact = located.position_of(error.offset)
         message = f"{role}: {error.message}"
         if not exact:
@@ -160,19 +202,26 @@ class FileChecker:
         text = located.value
         allowed = ", ".join(COUNTED)
         if not isinstance(text, str):
-            self.problem(located, obj, f"value must be one of {allowed}, "
-                         f"found {kind_of(text)}")
+            self.problem(located, obj, f"value must be one of {allowed}, found {kind_of(text)}")
             return None
         try:
             tree = parse_expression(text)
         except ExpressionError as error:
             self._expression_problem(located, obj, "value", error)
             return None
-        if (isinstance(tree, Binary) and tree.operator == "|"
-                and isinstance(tree.right, Literal) and tree.right.type is ValueType.INT):
+        if (
+            isinstance(tree, Binary)
+            and tree.operator == "|"
+            and isinstance(tree.right, Literal)
+            and tree.right.type is ValueType.INT
+        ):
             tree = tree.left  # Mixer's "| 0": a count that is absent is zero
         if isinstance(tree, AttributeRef) and tree.name in COUNTED:
             return COUNTED[tree.name]
-        self.problem(located, obj, f"value must be one of {allowed} (optionally '| 0'): "
-                     f"tcpacct counts bytes and connections, found {text!r}")
+        self.problem(
+            located,
+            obj,
+            f"value must be one of {allowed} (optionally '| 0'): "
+            f"tcpacct counts bytes and connections, found {text!r}",
+        )
         return None

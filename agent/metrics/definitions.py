@@ -103,8 +103,11 @@ class CompiledMetric:
         set_ = object.__setattr__
         set_(self, "label_names", tuple(self.dimensions))
         set_(self, "_match", self.match.evaluate if self.match is not None else _always)
-        set_(self, "_labels", tuple(_label_reader(expression) for expression in
-                                    self.dimensions.values()))
+        set_(
+            self,
+            "_labels",
+            tuple(_label_reader(expression) for expression in self.dimensions.values()),
+        )
 
     def evaluate(self, attributes: ConnectionAttributes) -> tuple[str, ...] | None:
         """Label values in ``label_names`` order, or None when this metric does not apply."""
@@ -115,8 +118,9 @@ class CompiledMetric:
     def without_labels(self, removed: frozenset[str]) -> CompiledMetric:
         """The same metric with some labels dropped (Istio's tagOverrides REMOVE)."""
         kept = {name: expr for name, expr in self.dimensions.items() if name not in removed}
-        return CompiledMetric(self.name, self.help, self.value, kept, self.match,
-                              self.reporters, self.origin)
+        return CompiledMetric(
+            self.name, self.help, self.value, kept, self.match, self.reporters, self.origin
+        )
 
     def describe(self) -> dict[str, Any]:
         """A stable, plain form for ``tcpacct config show`` (keys always in this order)."""

@@ -110,14 +110,18 @@ class _Converter:
 
     def problem(self, node: yaml.Node, message: str) -> DocumentError:
         mark = node.start_mark
-        return DocumentError(ConfigProblem(str(self.path), "", mark.line + 1, mark.column + 1,
-                                           message))
+        return DocumentError(
+            ConfigProblem(str(self.path), "", mark.line + 1, mark.column + 1, message)
+        )
 
     def convert(self, node: yaml.Node, depth: int = 0) -> Located:
         self.count += 1
         if self.count > MAX_NODES:
-            raise self.problem(node, f"too many YAML values (limit is {MAX_NODES}; "
-                               "aliases count each time they are used)")
+            raise self.problem(
+                node,
+                f"too many YAML values (limit is {MAX_NODES}; "
+                "aliases count each time they are used)",
+            )
         if depth > MAX_DEPTH:
             raise self.problem(node, f"YAML nested too deeply (limit is {MAX_DEPTH})")
         line, column = node.start_mark.line + 1, node.start_mark.column + 1
@@ -162,28 +166,33 @@ def read_documents(path: Path, text: str | None = None) -> list[Located | None]:
             with path.open("rb") as stream:
                 data = stream.read(MAX_FILE_BYTES + 1)
         except OSError as error:
-            raise DocumentError(ConfigProblem(str(path), "", 0, 0,
-                                              f"cannot read: {error.strerror or error}")) from None
+            raise DocumentError(
+                ConfigProblem(str(path), "", 0, 0, f"cannot read: {error.strerror or error}")
+            ) from None
         if len(data) > MAX_FILE_BYTES:
-            raise DocumentError(ConfigProblem(str(path), "", 0, 0,
-                                              f"file larger than {MAX_FILE_BYTES} bytes"))
+            raise DocumentError(
+                ConfigProblem(str(path), "", 0, 0, f"file larger than {MAX_FILE_BYTES} bytes")
+            )
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise DocumentError(ConfigProblem(str(path), "", 0, 0,
-                                              f"not UTF-8 text (byte {error.start})")) from None
+            raise DocumentError(
+                ConfigProblem(str(path), "", 0, 0, f"not UTF-8 text (byte {error.start})")
+            ) from None
     try:
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
         reason = error.problem or error.context or "syntax error"
-        raise DocumentError(ConfigProblem(str(path), "", line, column,
-                                          f"not YAML: {reason}")) from None
+        raise DocumentError(
+            ConfigProblem(str(path), "", line, column, f"not YAML: {reason}")
+        ) from None
     except yaml.YAMLError as error:
         raise DocumentError(ConfigProblem(str(path), "", 0, 0, f"not YAML: {error}")) from None
     except RecursionError:
-        raise DocumentError(ConfigProblem(str(path), "", 0, 0,
-                                          "not usable YAML: nested too deeply")) from None
+        raise DocumentError(
+            ConfigProblem(str(path), "", 0, 0, "not usable YAML: nested too deeply")
+        ) from None
     converter = _Converter(path, text)
     return [None if node is None else converter.convert(node) for node in nodes]

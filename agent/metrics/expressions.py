@@ -61,8 +61,8 @@ class Attribute:
     """One name of the vocabulary: its type and how to read it from connection attributes.
 
     ``read(attributes)`` returns the value or ``None`` when it is not known. A map attribute
-    has ``lookup(attributes, key)`` instead. ``counted`` names what a metric counts (only
-    usable as a metric's value, never in a match or a dimension).
+    has ``lookup(attributes, key)`` instead. ``misuse`` is set on names that exist but may
+    not appear in an expression (what a metric counts): the error to give when they do.
     """
 
     name: str
@@ -70,7 +70,7 @@ class Attribute:
     description: str
     read: Callable[[Any], Any] | None = None
     lookup: Callable[[Any, str], str | None] | None = None
-    counted: bool = False
+    misuse: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,8 +251,9 @@ class _Parser:
         node = self._or()
         token = self._peek()
         if token.kind is not _Tok.END:
-            raise ExpressionError(f"unexpected {_describe(token)} after a complete expression",
-                                  token.offset)
+            raise ExpressionError(
+                f"unexpected {_describe(token)} after a complete expression", token.offset
+            )
         return node
 
     # helpers
@@ -275,8 +276,9 @@ class _Parser:
         token = self._accept(operator)
         if token is None:
             found = self._peek()
-            raise ExpressionError(f"expected '{operator}' {what}, found {_describe(found)}",
-                                  found.offset)
+            raise ExpressionError(
+                f"expected '{operator}' {what}, found {_describe(found)}", found.offset
+            )
         return token
 
     def _node(self, cls: type[Node], offset: int, *args: Any) -> Node:
@@ -342,8 +344,9 @@ class _Parser:
                 dot = self._next()
                 method = self._next()
                 if method.kind is not _Tok.IDENT or self._peek().text != "(":
-                    raise ExpressionError("expected a method call such as .startsWith(\"x\")",
-                                          dot.offset)
+                    raise ExpressionError(
+                        'expected a method call such as .startsWith("x")', dot.offset
+                    )
                 args = self._arguments()
                 node = self._node(Call, method.offset, method.text, (node, *args))
                 continue
@@ -450,19 +453,15 @@ class _Compiler:
             if close:
                 message += f" (did you mean {close[0]!r}?)"
             raise ExpressionError(message, offset)
-        if attribute.counted:
-            raise ExpressionError(
-                f"{name!r} is what a metric counts: use it as the metric's value, "
-                "not in a match or a dimension",
-                offset,
-            )
+        if attribute.misuse is not None:
+            raise ExpressionError(f"{name!r} {attribute.misuse}", offset)
         return attribute
 
     def _attributeref(self, node: AttributeRef) -> _Typed:
         attribute = self._attribute(node.name, node.offset)
         if attribute.type is ValueType.STRING_MAP:
             raise ExpressionError(
-                f"{node.name!r} is a map: use it with a key, e.g. {node.name}[\"app\"]",
+                f'{node.name!r} is a map: use it with a key, e.g. {node.name}["app"]',
                 node.offset,
             )
         assert attribute.read is not None
@@ -512,8 +511,9 @@ class _Compiler:
     def _binary(self, node: Binary) -> _Typed:
         if node.operator in ("&&", "||"):
             left = self._require(node.left, ValueType.BOOL, f"the left side of '{node.operator}'")
-            right = self._require(node.right, ValueType.BOOL,
-                                  f"the right side of '{node.operator}'")
+            right = self._require(
+                node.right, ValueType.BOOL, f"the right side of '{node.operator}'"
+            )
             return _Typed(ValueType.BOOL, _logic(node.operator, left.evaluate, right.evaluate))
         left = self.compile(node.left)
         right = self.compile(node.right)
@@ -623,8 +623,7 @@ def _call_conditional(compiler: _Compiler, node: Call) -> _Typed:
 def _string_test(compiler: _Compiler, node: Call, test: Callable[[str, str], bool]) -> _Typed:
     _arity(node, 2, "text, pattern")
     text = compiler._require(node.args[0], ValueType.STRING, f"the text of {node.function}()")
-    pattern = compiler._require(node.args[1], ValueType.STRING,
-                                f"the pattern of {node.function}()")
+    pattern = compiler._require(node.args[1], ValueType.STRING, f"the pattern of {node.function}()")
     read_text, read_pattern = text.evaluate, pattern.evaluate
     if pattern.constant:
         constant = read_pattern(None)
@@ -661,8 +660,9 @@ def _call_ip(compiler: _Compiler, node: Call) -> _Typed:
     try:
         address = ipaddress.ip_address(argument.value)
     except ValueError:
-        raise ExpressionError(f"ip(): {argument.value!r} is not an IP address",
-                              argument.offset) from None
+        raise ExpressionError(
+            f"ip(): {argument.value!r} is not an IP address", argument.offset
+        ) from None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return _constant(str(address), ValueType.STRING)
@@ -677,6 +677,19 @@ _FUNCTIONS: dict[str, Callable[[_Compiler, Call], _Typed]] = {
 }
 
 
+def compile_tree(
+    tree: Node, text: str, vocabulary: Mapping[str, Attribute], expected: ValueType | None = None
+) -> CompiledExpression:
+    """Type-check and compile a parsed ``tree`` (whose source is ``text``)."""
+    typed = _Compiler(vocabulary).compile(tree)
+    if expected is not None and typed.type is not expected:
+        raise ExpressionError(
+            f"type error: the expression must be {expected.value}, found {typed.type.value}",
+            tree.offset,
+        )
+    return CompiledExpression(text, typed.type, typed.evaluate, tree)
+
+
 def compile_expression(
     text: str, vocabulary: Mapping[str, Attribute], expected: ValueType | None = None
 ) -> CompiledExpression:
@@ -685,10 +698,43 @@ def compile_expression(
     ``expected`` is the type the result must have (``BOOL`` for a match); ``None`` accepts any
     text, integer or boolean (a dimension). ``'source.port | "x"'`` -> type error at column 13.
     """
-    tree = parse_expression(text)
-    typed = _Compiler(vocabulary).compile(tree)
-    if expected is not None and typed.type is not expected:
-        raise ExpressionError(
-            f"type error: the expression must be {expected.value}, found {typed.type.value}", 0
+    return compile_tree(parse_expression(text), text, vocabulary, expected)
+
+
+def quote(text: str) -> str:
+    """A Go string literal: ``'say "hi"'`` -> ``'"say \\"hi\\""'``."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r") + '"'
+
+
+_PRECEDENCE = {"||": 1, "&&": 2, "==": 3, "!=": 3, "|": 4}
+
+
+def unparse(node: Node, parent_precedence: int = 0) -> str:
+    """Text of a syntax tree, parenthesised only where needed.
+
+    ``Binary("&&", a == "x", b)`` -> ``'a == "x" && b'``.
+    """
+    if isinstance(node, Literal):
+        if node.type is ValueType.STRING:
+            return quote(node.value)
+        return (
+            ("true" if node.value else "false") if node.type is ValueType.BOOL else str(node.value)
         )
-    return CompiledExpression(text, typed.type, typed.evaluate, tree)
+    if isinstance(node, AttributeRef):
+        return node.name
+    if isinstance(node, Index):
+        return f"{unparse(node.target, 9)}[{unparse(node.key)}]"
+    if isinstance(node, Call):
+        return f"{node.function}({', '.join(unparse(arg) for arg in node.args)})"
+    if isinstance(node, Unary):
+        return "!" + unparse(node.operand, 8)
+    assert isinstance(node, Binary)
+    precedence = _PRECEDENCE[node.operator]
+    # Operands of == and != that use | keep their parentheses, for the reader's sake.
+    inner = precedence + 2 if precedence == 3 else precedence
+    text = (
+        f"{unparse(node.left, inner)} {node.operator} "
+        f"{unparse(node.right, max(inner, precedence + 1))}"
+    )
+    return f"({text})" if precedence < parent_precedence else text

@@ -34,11 +34,19 @@ from typing import Any
 
 from agent.model import Reporter, ValueSource
 
-from .attributes import VOCABULARY
+from .attributes import EVENT_ATTRIBUTE, VOCABULARY
 from .checking import FileChecker
 from .definitions import CompiledMetric, Origin, label_name_problem, metric_name_problem
 from .documents import Located
-from .expressions import CompiledExpression, ValueType, compile_expression
+from .expressions import (
+    AttributeRef,
+    Binary,
+    CompiledExpression,
+    Literal,
+    Node,
+    ValueType,
+    compile_expression,
+)
 from .native import compile_dimensions
 from .problems import ExpressionError
 
@@ -49,6 +57,8 @@ DEFAULT_CONFIG_NAMESPACE = "istio-system"
 INSTANCE_KINDS = ("instance", "metric")
 HANDLER_KINDS = ("handler", "prometheus")
 DESTINATION_ONLY = frozenset({Reporter.DESTINATION})
+COUNTS_EVENTS = "1"
+EVENTS = {"open": ValueSource.CONNECTIONS_OPENED, "close": ValueSource.CONNECTIONS_CLOSED}
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -70,7 +80,7 @@ class _Object:
 @dataclass
 class _Instance:
     source: _Object
-    value: ValueSource | None
+    value: ValueSource | str | None  # COUNTS_EVENTS: value 1, counted per rule's event
     dimensions: dict[str, CompiledExpression] | None
 
 
@@ -104,8 +114,9 @@ def is_mixer_document(fields: dict[Any, Located]) -> bool:
     return api is not None and isinstance(api.value, str) and api.value.startswith(API_GROUP)
 
 
-def _split_reference(reference: str, kinds: tuple[str, ...],
-                     namespace: str) -> tuple[str, str] | str:
+def _split_reference(
+    reference: str, kinds: tuple[str, ...], namespace: str
+) -> tuple[str, str] | str:
     """``"x"`` / ``"x.metric"`` / ``"x.instance.ns"`` -> ``(name, namespace)``; error text."""
     parts = reference.split(".")
     if len(parts) == 1:
@@ -115,12 +126,15 @@ def _split_reference(reference: str, kinds: tuple[str, ...],
     if len(parts) == 3 and parts[1] in kinds:
         return parts[0], parts[2]
     expected = " or ".join(kinds)
-    return (f"cannot read reference {reference!r}: expected name, name.kind or "
-            f"name.kind.namespace with kind {expected}")
+    return (
+        f"cannot read reference {reference!r}: expected name, name.kind or "
+        f"name.kind.namespace with kind {expected}"
+    )
 
 
-def collect(objects: MixerObjects, checker: FileChecker, document: Located,
-            fields: dict[Any, Located]) -> None:
+def collect(
+    objects: MixerObjects, checker: FileChecker, document: Located, fields: dict[Any, Located]
+) -> None:
     """Record one ``config.istio.io`` document (phase one: nothing is resolved yet)."""
     kind = fields.get("kind")
     kind_text = kind.value if kind is not None and isinstance(kind.value, str) else None
@@ -128,23 +142,32 @@ def collect(objects: MixerObjects, checker: FileChecker, document: Located,
     name = metadata.get("name")
     name_text = name.value if name is not None and isinstance(name.value, str) else None
     namespace = metadata.get("namespace")
-    namespace_text = (namespace.value if namespace is not None
-                      and isinstance(namespace.value, str) else "default")
+    namespace_text = (
+        namespace.value if namespace is not None and isinstance(namespace.value, str) else "default"
+    )
     if kind_text is None or name_text is None:
-        checker.problem(document, kind_text or "", "an Istio object needs kind and "
-                        "metadata.name")
+        checker.problem(document, kind_text or "", "an Istio object needs kind and metadata.name")
         return
-    for what, text, located in (("name", name_text, name),
-                                ("namespace", namespace_text, namespace)):
+    for what, text, located in (
+        ("name", name_text, name),
+        ("namespace", namespace_text, namespace),
+    ):
         if not DNS_LABEL.match(text):
-            checker.problem(located or document, f"{kind_text} {name_text}",
-                            f"metadata.{what} {text!r} is not a Kubernetes name "
-                            "(lower case letters, digits and '-')")
+            checker.problem(
+                located or document,
+                f"{kind_text} {name_text}",
+                f"metadata.{what} {text!r} is not a Kubernetes name "
+                "(lower case letters, digits and '-')",
+            )
             return
     if kind_text not in ("rule", *INSTANCE_KINDS, *HANDLER_KINDS):
-        objects.warn(checker, document, f"ignoring {kind_text} {namespace_text}/{name_text}: "
-                     "tcpacct reads Istio instance, handler, metric, prometheus and rule "
-                     "objects only")
+        objects.warn(
+            checker,
+            document,
+            f"ignoring {kind_text} {namespace_text}/{name_text}: "
+            "tcpacct reads Istio instance, handler, metric, prometheus and rule "
+            "objects only",
+        )
         return
     spec_at = fields.get("spec")
     label = f"{kind_text} {namespace_text}/{name_text}"
@@ -165,8 +188,12 @@ def collect(objects: MixerObjects, checker: FileChecker, document: Located,
 
 def _duplicate(table: dict[tuple[str, str], Any], item: _Object, family: str) -> bool:
     if (item.name, item.namespace) in table:
-        item.checker.problem(item.document, item.label, f"{item.namespace}/{item.name} is "
-                             f"defined twice ({family} objects share one set of names)")
+        item.checker.problem(
+            item.document,
+            item.label,
+            f"{item.namespace}/{item.name} is "
+            f"defined twice ({family} objects share one set of names)",
+        )
         return True
     return False
 
@@ -180,8 +207,12 @@ def _collect_instance(objects: MixerObjects, item: _Object) -> None:
         template_at = item.spec.get("compiledTemplate") or item.spec.get("template")
         template = template_at.value if template_at is not None else None
         if template != "metric":
-            objects.warn(item.checker, item.document, f"ignoring {item.label}: template "
-                         f"{template!r} (tcpacct reads metric instances only)")
+            objects.warn(
+                item.checker,
+                item.document,
+                f"ignoring {item.label}: template "
+                f"{template!r} (tcpacct reads metric instances only)",
+            )
             objects.instances[(item.name, item.namespace)] = None
             return
         params_at = item.spec.get("params")
@@ -193,7 +224,12 @@ def _collect_instance(objects: MixerObjects, item: _Object) -> None:
             return
     assert params is not None and params_at is not None
     value_at = item.checker.field(params_at, params, "value", item.label, required=True)
-    value = item.checker.value_source(value_at, item.label) if value_at is not None else None
+    value: ValueSource | str | None = None
+    if value_at is not None:
+        if value_at.value in (1, "1") and value_at.value is not True:
+            value = COUNTS_EVENTS  # Istio's tcpconnectionsopened/closed: 1 per event
+        else:
+            value = item.checker.value_source(value_at, item.label)
     dimensions = compile_dimensions(item.checker, params.get("dimensions"), item.label)
     objects.instances[(item.name, item.namespace)] = _Instance(item, value, dimensions)
 
@@ -207,8 +243,12 @@ def _collect_handler(objects: MixerObjects, item: _Object) -> None:
         adapter_at = item.spec.get("compiledAdapter") or item.spec.get("adapter")
         adapter = adapter_at.value if adapter_at is not None else None
         if adapter != "prometheus":
-            objects.warn(item.checker, item.document, f"ignoring {item.label}: adapter "
-                         f"{adapter!r} (tcpacct reads prometheus handlers only)")
+            objects.warn(
+                item.checker,
+                item.document,
+                f"ignoring {item.label}: adapter "
+                f"{adapter!r} (tcpacct reads prometheus handlers only)",
+            )
             objects.handlers[(item.name, item.namespace)] = None
             return
         params_at = item.spec.get("params")
@@ -245,8 +285,11 @@ def _handler_metric(handler: _Object, entry: Located) -> _HandlerMetric | None:
         exposed = None
     kind = checker.text(entry, fields, "kind", obj)
     if kind is not None and kind.upper() != "COUNTER":
-        checker.problem(fields["kind"], obj, f"kind {kind} is not supported: tcpacct "
-                        "exports counters (COUNTER) only")
+        checker.problem(
+            fields["kind"],
+            obj,
+            f"kind {kind} is not supported: tcpacct exports counters (COUNTER) only",
+        )
         exposed = None
     instance_name = checker.text(entry, fields, "instance_name", obj, required=True)
     instance: tuple[str, str] | None = None
@@ -277,27 +320,98 @@ def _handler_metric(handler: _Object, entry: Located) -> _HandlerMetric | None:
     return _HandlerMetric(exposed, help_text, instance, label_names, entry, handler)
 
 
-def _rule_match(rule: _Object) -> tuple[bool, CompiledExpression | None]:
-    """(usable, match); an empty match applies to everything, as in Mixer."""
+def _event_term(node: Node) -> str | None:
+    """``connection.event == "open"`` or ``(connection.event | "na") == "open"`` -> "open"."""
+    if not (isinstance(node, Binary) and node.operator == "=="):
+        return None
+    for attribute, literal in ((node.left, node.right), (node.right, node.left)):
+        if (
+            isinstance(attribute, Binary)
+            and attribute.operator == "|"
+            and isinstance(attribute.right, Literal)
+        ):
+            attribute = attribute.left
+        if (
+            isinstance(attribute, AttributeRef)
+            and attribute.name == EVENT_ATTRIBUTE
+            and isinstance(literal, Literal)
+            and literal.type is ValueType.STRING
+        ):
+            return literal.value
+    return None
+
+
+def _conjuncts(node: Node) -> list[Node]:
+    if isinstance(node, Binary) and node.operator == "&&":
+        return _conjuncts(node.left) + _conjuncts(node.right)
+    return [node]
+
+
+class _EventSplitter:
+    """Takes Mixer's ``connection.event == "open"`` term out of a rule's match.
+
+    ``context.protocol == "tcp" && ((connection.event | "na") == "open")`` -> match
+    ``context.protocol == "tcp"`` and event ``CONNECTIONS_OPENED``.
+    """
+
+    def __init__(self) -> None:
+        self.event: ValueSource | None = None
+
+    def __call__(self, tree: Node) -> Node:
+        kept: list[Node] = []
+        for term in _conjuncts(tree):
+            event = _event_term(term)
+            if event is None:
+                kept.append(term)
+            elif event not in EVENTS:
+                raise ExpressionError(
+                    f"connection.event {event!r}: tcpacct counts the events "
+                    '"open" and "close" only',
+                    term.offset,
+                )
+            elif self.event is not None:
+                raise ExpressionError("connection.event is tested twice", term.offset)
+            else:
+                self.event = EVENTS[event]
+        if not kept:
+            return Literal(tree.offset, 1, True, ValueType.BOOL)
+        rest = kept[0]
+        for term in kept[1:]:
+            rest = Binary(rest.offset, 1 + max(rest.depth, term.depth), "&&", rest, term)
+        return rest
+
+
+@dataclass
+class _RuleMatch:
+    usable: bool
+    match: CompiledExpression | None = None
+    event: ValueSource | None = None
+
+
+def _rule_match(rule: _Object) -> _RuleMatch:
+    """The rule's match (None: everything) and the connection event it selects, if any."""
     checker = rule.checker
     located = rule.spec.get("match")
     match: CompiledExpression | None = None
-    if located is not None and not (isinstance(located.value, str)
-                                    and not located.value.strip()):
-        match = checker.expression(located, rule.label, "match", ValueType.BOOL)
+    splitter = _EventSplitter()
+    if located is not None and not (isinstance(located.value, str) and not located.value.strip()):
+        match = checker.expression(located, rule.label, "match", ValueType.BOOL, splitter)
         if match is None:
-            return False, None
+            return _RuleMatch(False)
+        if isinstance(match.tree, Literal) and match.tree.value is True:
+            match = None
     if rule.namespace == DEFAULT_CONFIG_NAMESPACE:
-        return True, match
-    scope = (f'(destination.service.namespace | destination.namespace | "") == '
-             f'"{rule.namespace}"')
+        return _RuleMatch(True, match, splitter.event)
+    scope = f'(destination.service.namespace | destination.namespace | "") == "{rule.namespace}"'
     text = scope if match is None else f"({match.text}) && {scope}"
     try:
-        return True, compile_expression(text, VOCABULARY, ValueType.BOOL)
+        scoped = compile_expression(text, VOCABULARY, ValueType.BOOL)
     except ExpressionError as error:
-        checker.problem(located or rule.spec_at, rule.label,
-                        f"match with its namespace scope: {error.message}")
-        return False, None
+        checker.problem(
+            located or rule.spec_at, rule.label, f"match with its namespace scope: {error.message}"
+        )
+        return _RuleMatch(False)
+    return _RuleMatch(True, scoped, splitter.event)
 
 
 def _check_instance_names(objects: MixerObjects) -> None:
@@ -307,9 +421,11 @@ def _check_instance_names(objects: MixerObjects) -> None:
                 handler = handler_metric.handler
                 name, namespace = handler_metric.instance
                 handler.checker.problem(
-                    handler_metric.located, handler.label,
+                    handler_metric.located,
+                    handler.label,
                     f"{handler_metric.exposed_name}: instance_name refers to instance "
-                    f"{namespace}/{name}, which is not defined in the configuration")
+                    f"{namespace}/{name}, which is not defined in the configuration",
+                )
 
 
 def resolve(objects: MixerObjects) -> list[CompiledMetric]:
@@ -317,28 +433,36 @@ def resolve(objects: MixerObjects) -> list[CompiledMetric]:
     _check_instance_names(objects)
     metrics: list[CompiledMetric] = []
     for rule in objects.rules:
-        usable, match = _rule_match(rule)
-        actions_at = rule.checker.field(rule.spec_at, rule.spec, "actions", rule.label,
-                                        required=True)
+        match = _rule_match(rule)
+        actions_at = rule.checker.field(
+            rule.spec_at, rule.spec, "actions", rule.label, required=True
+        )
         if actions_at is None:
             continue
         if not isinstance(actions_at.value, list):
             rule.checker.problem(actions_at, rule.label, "actions must be a list")
             continue
         for action in actions_at.value:
-            metrics.extend(_action(objects, rule, action, match, usable))
+            metrics.extend(_action(objects, rule, action, match))
     for handler_metrics in objects.handlers.values():
         for handler_metric in handler_metrics or []:
             if not any(m.name == handler_metric.exposed_name for m in metrics):
-                objects.warn(handler_metric.handler.checker, handler_metric.located,
-                             f"{handler_metric.exposed_name}: no rule sends instance "
-                             f"{handler_metric.instance[1]}/{handler_metric.instance[0]} to "
-                             f"{handler_metric.handler.label}; the metric stays empty")
+                objects.warn(
+                    handler_metric.handler.checker,
+                    handler_metric.located,
+                    f"{handler_metric.exposed_name}: no rule sends instance "
+                    f"{handler_metric.instance[1]}/{handler_metric.instance[0]} to "
+                    f"{handler_metric.handler.label}; the metric stays empty",
+                )
     return metrics
 
 
-def _action(objects: MixerObjects, rule: _Object, action: Located,
-            match: CompiledExpression | None, usable: bool) -> list[CompiledMetric]:
+def _action(
+    objects: MixerObjects,
+    rule: _Object,
+    action: Located,
+    match: _RuleMatch,
+) -> list[CompiledMetric]:
     checker = rule.checker
     fields = checker.mapping(action, rule.label, "an action")
     if fields is None:
@@ -352,8 +476,12 @@ def _action(objects: MixerObjects, rule: _Object, action: Located,
         checker.problem(fields["handler"], rule.label, resolved)
         return []
     if resolved not in objects.handlers:
-        checker.problem(fields["handler"], rule.label, f"handler {handler_ref!r} "
-                        f"({resolved[1]}/{resolved[0]}) is not defined in the configuration")
+        checker.problem(
+            fields["handler"],
+            rule.label,
+            f"handler {handler_ref!r} "
+            f"({resolved[1]}/{resolved[0]}) is not defined in the configuration",
+        )
         return []
     handler_metrics = objects.handlers[resolved]
     metrics: list[CompiledMetric] = []
@@ -363,9 +491,13 @@ def _action(objects: MixerObjects, rule: _Object, action: Located,
             checker.problem(located, rule.label, instance_key)
             continue
         if instance_key not in objects.instances:
-            checker.problem(located, rule.label, f"instance {reference!r} "
-                            f"({instance_key[1]}/{instance_key[0]}) is not defined in the "
-                            "configuration")
+            checker.problem(
+                located,
+                rule.label,
+                f"instance {reference!r} "
+                f"({instance_key[1]}/{instance_key[0]}) is not defined in the "
+                "configuration",
+            )
             continue
         instance = objects.instances[instance_key]
         if instance is None or handler_metrics is None:
@@ -373,14 +505,19 @@ def _action(objects: MixerObjects, rule: _Object, action: Located,
         for handler_metric in handler_metrics:
             if handler_metric.instance != instance_key:
                 continue
-            metric = _combine(rule, handler_metric, instance, match)
-            if metric is not None and usable:
+            metric = _combine(rule, handler_metric, instance, match, located)
+            if metric is not None and match.usable:
                 metrics.append(metric)
     return metrics
 
 
-def _combine(rule: _Object, handler_metric: _HandlerMetric, instance: _Instance,
-             match: CompiledExpression | None) -> CompiledMetric | None:
+def _combine(
+    rule: _Object,
+    handler_metric: _HandlerMetric,
+    instance: _Instance,
+    match: _RuleMatch,
+    reference: Located,
+) -> CompiledMetric | None:
     if instance.value is None or instance.dimensions is None:
         return None  # the instance's own problems are reported already
     labels = handler_metric.label_names
@@ -391,12 +528,45 @@ def _combine(rule: _Object, handler_metric: _HandlerMetric, instance: _Instance,
     for label in labels:
         expression = instance.dimensions.get(label)
         if expression is None:
-            handler.checker.problem(handler_metric.located, handler.label,
-                                    f"{handler_metric.exposed_name}: label {label!r} is not "
-                                    f"a dimension of {instance.source.label}")
+            handler.checker.problem(
+                handler_metric.located,
+                handler.label,
+                f"{handler_metric.exposed_name}: label {label!r} is not "
+                f"a dimension of {instance.source.label}",
+            )
             return None
         dimensions[label] = expression
-    origin = Origin(handler.checker.file, handler_metric.located.line,
-                    f"{handler.label} via {rule.label}")
-    return CompiledMetric(handler_metric.exposed_name, handler_metric.help, instance.value,
-                          dimensions, match, DESTINATION_ONLY, origin)
+    if not match.usable:
+        return None  # the rule's match has problems of its own
+    value = instance.value
+    if value == COUNTS_EVENTS:
+        if match.event is None:
+            rule.checker.problem(
+                reference,
+                rule.label,
+                f"{instance.source.label} counts 1 per event: the rule must also match "
+                'connection.event == "open" or "close"',
+            )
+            return None
+        value = match.event
+    elif match.event is not None:
+        rule.checker.problem(
+            reference,
+            rule.label,
+            f"{instance.source.label} counts bytes, which tcpacct does not split by "
+            "connection.event",
+        )
+        return None
+    assert isinstance(value, ValueSource)
+    origin = Origin(
+        handler.checker.file, handler_metric.located.line, f"{handler.label} via {rule.label}"
+    )
+    return CompiledMetric(
+        handler_metric.exposed_name,
+        handler_metric.help,
+        value,
+        dimensions,
+        match.match,
+        DESTINATION_ONLY,
+        origin,
+    )

@@ -69,8 +69,9 @@ class BuiltinSwitches:
         return kept
 
 
-def reporters_from(checker: FileChecker, fields: dict[Any, Located],
-                   obj: str) -> frozenset[Reporter]:
+def reporters_from(
+    checker: FileChecker, fields: dict[Any, Located], obj: str
+) -> frozenset[Reporter]:
     """``reporters: [destination]`` -> {DESTINATION}; absent -> both."""
     located = fields.get("reporters")
     if located is None:
@@ -84,15 +85,17 @@ def reporters_from(checker: FileChecker, fields: dict[Any, Located],
     chosen = set()
     for text, item in items:
         if text not in valid:
-            checker.problem(item, obj, f"unknown reporter {text!r} "
-                            "(expected source or destination)")
+            checker.problem(
+                item, obj, f"unknown reporter {text!r} (expected source or destination)"
+            )
         else:
             chosen.add(valid[text])
     return frozenset(chosen) if chosen else ALL_REPORTERS
 
 
-def compile_dimensions(checker: FileChecker, located: Located | None,
-                       obj: str) -> dict[str, CompiledExpression] | None:
+def compile_dimensions(
+    checker: FileChecker, located: Located | None, obj: str
+) -> dict[str, CompiledExpression] | None:
     """``{source_service: 'source.workload.name | "unknown"'}`` -> label -> compiled."""
     if located is None:
         return {}
@@ -144,24 +147,39 @@ def _metric(checker: FileChecker, located: Located, index: int) -> CompiledMetri
     reporters = reporters_from(checker, fields, obj)
     if name is None or value is None or dimensions is None:
         return None
-    return CompiledMetric(name, help_text, value, dimensions, match, reporters,
-                          Origin(checker.file, located.line, obj))
+    return CompiledMetric(
+        name,
+        help_text,
+        value,
+        dimensions,
+        match,
+        reporters,
+        Origin(checker.file, located.line, obj),
+    )
 
 
-def _label_list(checker: FileChecker, parent: Located, fields: dict[Any, Located], obj: str,
-                known: set[str]) -> set[str]:
+def _label_list(
+    checker: FileChecker, parent: Located, fields: dict[Any, Located], obj: str, known: set[str]
+) -> set[str]:
     removed = set()
     for label, located in checker.text_list(parent, fields, "removeLabels", obj) or []:
         if label not in known:
-            checker.problem(located, obj, f"cannot remove label {label!r}: the built-in "
-                            "metrics have no such label")
+            checker.problem(
+                located,
+                obj,
+                f"cannot remove label {label!r}: the built-in metrics have no such label",
+            )
         else:
             removed.add(label)
     return removed
 
 
-def _builtins(checker: FileChecker, located: Located, switches: BuiltinSwitches,
-              builtin_labels: Mapping[str, tuple[str, ...]]) -> None:
+def _builtins(
+    checker: FileChecker,
+    located: Located,
+    switches: BuiltinSwitches,
+    builtin_labels: Mapping[str, tuple[str, ...]],
+) -> None:
     obj = "builtins"
     fields = checker.mapping(located, obj, "builtins")
     if fields is None:
@@ -171,14 +189,16 @@ def _builtins(checker: FileChecker, located: Located, switches: BuiltinSwitches,
     if not checker.boolean(located, fields, "enabled", obj, default=True):
         switches.disabled.add("*")
     switches.removed.setdefault("*", set()).update(
-        _label_list(checker, located, fields, obj, all_labels))
+        _label_list(checker, located, fields, obj, all_labels)
+    )
     per_metric = checker.mapping(fields.get("metrics"), obj, "builtins.metrics") or {}
     for name, settings in per_metric.items():
         metric_obj = f"builtins.metrics.{name}"
         if name not in builtin_labels:
             known = ", ".join(builtin_labels)
-            checker.problem(settings, metric_obj, f"no built-in metric {name!r} "
-                            f"(built-ins: {known})")
+            checker.problem(
+                settings, metric_obj, f"no built-in metric {name!r} (built-ins: {known})"
+            )
             continue
         metric_fields = checker.mapping(settings, metric_obj, "a built-in metric's settings")
         if metric_fields is None:
@@ -187,11 +207,16 @@ def _builtins(checker: FileChecker, located: Located, switches: BuiltinSwitches,
         if not checker.boolean(settings, metric_fields, "enabled", metric_obj, default=True):
             switches.disabled.add(name)
         switches.removed.setdefault(name, set()).update(
-            _label_list(checker, settings, metric_fields, metric_obj, set(builtin_labels[name])))
+            _label_list(checker, settings, metric_fields, metric_obj, set(builtin_labels[name]))
+        )
 
 
-def read_native(checker: FileChecker, document: Located, switches: BuiltinSwitches,
-                builtin_labels: Mapping[str, tuple[str, ...]]) -> list[CompiledMetric]:
+def read_native(
+    checker: FileChecker,
+    document: Located,
+    switches: BuiltinSwitches,
+    builtin_labels: Mapping[str, tuple[str, ...]],
+) -> list[CompiledMetric]:
     """The metrics of one native document; built-in switches are merged into ``switches``."""
     fields = checker.mapping(document, "", "a tcpacct configuration document")
     if fields is None:

@@ -44,8 +44,9 @@ class ConfigWatcher:
     as the thread has finished its current check.
     """
 
-    def __init__(self, paths: Sequence[Path], on_change: Callable[[], None],
-                 interval: float = 2.0) -> None:
+    def __init__(
+        self, paths: Sequence[Path], on_change: Callable[[], None], interval: float = 2.0
+    ) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval}")
         self.paths = tuple(Path(path) for path in paths)
@@ -65,8 +66,11 @@ class ConfigWatcher:
             current = self._fingerprints()
             if current == self._seen:
                 return False
-            changed = [str(path) for path, old, new in zip(self.paths, self._seen, current,
-                                                            strict=True) if old != new]
+            changed = [
+                str(path)
+                for path, old, new in zip(self.paths, self._seen, current, strict=True)
+                if old != new
+            ]
             self._seen = current
         log.info("configuration changed: %s", ", ".join(changed))
         try:

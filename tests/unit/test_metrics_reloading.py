@@ -45,7 +45,9 @@ def test_symlink_swap_is_a_change_even_with_equal_mtime_and_size(tmp_path):
     swap_configmap(tmp_path, NEW, like=old_target)
     new_target = path.resolve()
     assert (new_target.stat().st_size, new_target.stat().st_mtime_ns) == (
-        old_target.stat().st_size, old_target.stat().st_mtime_ns)
+        old_target.stat().st_size,
+        old_target.stat().st_mtime_ns,
+    )
     assert watcher.check() is True
     assert calls == [NEW]
     assert watcher.check() is False
