@@ -68,10 +68,12 @@ class DocumentError(Exception):
 
 
 def _plain_segments(node: yaml.ScalarNode, text: str) -> list[tuple[int, int, int]] | None:
-    """Where the pieces of a plain or simply quoted scalar sit in the file.
+    """Where the pieces of a scalar's text sit in the file.
 
     A multi-line plain scalar ``a ==\\n     "b"`` folds to ``a == "b"``: pieces
-    [(0, line, col), (5, line + 1, col')]. None when the value cannot be mapped that way.
+    [(0, line, col), (5, line + 1, col')]. Folded (``>``) and literal (``|``) block scalars
+    map the same way, line by line. None when the value cannot be mapped back (escapes,
+    blank lines, more-indented lines).
     """
     start, end = node.start_mark, node.end_mark
     if start is None or end is None or start.index is None:
@@ -82,7 +84,18 @@ def _plain_segments(node: yaml.ScalarNode, text: str) -> list[tuple[int, int, in
         if "\n" in raw or "\\" in raw or "''" in raw:
             return None
         return [(0, start.line + 1, start.column + 2)]
-    if style:  # plain scalars have style None (pure Python) or "" (libyaml)
+    first_line = start.line + 1
+    first_column = start.column
+    separator = " "
+    if style in (">", "|"):
+        header, _, raw = raw.partition("\n")
+        if "#" in header:
+            return None
+        first_line += 1
+        first_column = 0
+        separator = " " if style == ">" else "\n"
+        raw = raw.rstrip()
+    elif style:  # plain scalars have style None (pure Python) or "" (libyaml)
         return None
     segments: list[tuple[int, int, int]] = []
     pieces: list[str] = []
@@ -92,11 +105,11 @@ def _plain_segments(node: yaml.ScalarNode, text: str) -> list[tuple[int, int, in
         if not stripped:
             return None
         indent = len(physical) - len(physical.lstrip())
-        column = (start.column if number == 0 else 0) + indent + 1
-        segments.append((offset, start.line + 1 + number, column))
+        column = (first_column if number == 0 else 0) + indent + 1
+        segments.append((offset, first_line + number, column))
         pieces.append(stripped)
         offset += len(stripped) + 1
-    if " ".join(pieces) != node.value:
+    if separator.join(pieces) != node.value.rstrip("\n"):
         return None
     return segments
 

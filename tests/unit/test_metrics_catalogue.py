@@ -460,6 +460,20 @@ metrics:
 
 NATIVE_PROBLEMS = [
     pytest.param(
+        "metrics:\n  - name: m\n    value: connection.sent.bytes\n    match: >-\n"
+        '      context.protocol == "tcp"\n      && destination.service.hots == "x"\n',
+        [
+            "6:10: metric m: match: unknown attribute 'destination.service.hots' "
+            "(did you mean 'destination.service.host'?)"
+        ],
+        id="position inside a folded block scalar",
+    ),
+    pytest.param(
+        'metrics:\n  - name: m\n    value: connection.sent.bytes\n    match: "source.port == x"\n',
+        ["4:28: metric m: match: unknown attribute 'x'"],
+        id="position inside a quoted scalar",
+    ),
+    pytest.param(
         "metrics:\n  - name: m\n    value: connection.sent.bytes\n"
         '    match: context.protocol == "tcp" &&\n',
         ["4:40: metric m: match: expected a value, found the end of the expression"],
