@@ -11,8 +11,11 @@ from agent.settings import (
     Settings,
     SettingsError,
     parse_capacity,
+    parse_duration,
     parse_interval,
     parse_listen,
+    parse_max_series,
+    parse_ttl,
 )
 
 
@@ -63,6 +66,7 @@ def test_parse_listen_refuses(text: str, message: str) -> None:
         ("2m", 120.0),
         ("1500ms", 1.5),
         (" 30S ", 30.0),
+        ("1h", 3600.0),
         ("3600", 3600.0),
         (5, 5.0),
         (2.5, 2.5),
@@ -82,12 +86,14 @@ AT_LEAST = "the report interval must be at least 1 s"
         ("0", f"--interval '0': {AT_LEAST}"),
         ("-1", f"--interval '-1': {AT_LEAST}"),
         ("999ms", f"--interval '999ms': {AT_LEAST}"),
-        ("nan", f"--interval 'nan': {AT_LEAST}"),
-        ("inf", f"--interval 'inf': {AT_LEAST}"),
+        ("nan", "--interval 'nan': not a finite duration"),
+        ("inf", "--interval 'inf': not a finite duration"),
+        ("-inf", "--interval '-inf': not a finite duration"),
         ("3601", "--interval '3601': at most 3600 s"),
         ("abc", "--interval 'abc': expected seconds, e.g. 10, 1.5s or 1m"),
         ("", "--interval '': expected seconds, e.g. 10, 1.5s or 1m"),
-        ("10h", "--interval '10h': expected seconds, e.g. 10, 1.5s or 1m"),
+        ("2h", "--interval '2h': at most 3600 s"),
+        ("10d", "--interval '10d': expected seconds, e.g. 10, 1.5s or 1m"),
         ("s", "--interval 's': expected seconds, e.g. 10, 1.5s or 1m"),
     ],
 )
@@ -173,3 +179,45 @@ def test_settings_refuse_inconsistent_values(kwargs: dict, message: str) -> None
 
 def test_settings_error_is_a_value_error() -> None:
     assert issubclass(SettingsError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("0", 0.0), ("-3", -3.0), ("1.5h", 5400.0), (7, 7.0)],
+)
+def test_parse_duration(text: str | float, seconds: float) -> None:
+    assert parse_duration(text, "--x") == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10m", 600.0), ("60", 60.0), ("1h", 3600.0), ("0", 0.0), ("0s", 0.0), ("off", 0.0)],
+)
+def test_parse_ttl(text: str, seconds: float) -> None:
+    assert parse_ttl(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("59", "--series-ttl '59': at least 1m (or 0 to disable)"),
+        ("-1m", "--series-ttl '-1m': at least 1m (or 0 to disable)"),
+        ("nan", "--series-ttl 'nan': not a finite duration"),
+        ("soon", "--series-ttl 'soon': expected seconds, e.g. 10, 1.5s or 1m"),
+    ],
+)
+def test_parse_ttl_refuses(text: str, message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        parse_ttl(text)
+    assert str(caught.value) == message
+
+
+def test_parse_max_series() -> None:
+    assert parse_max_series("10") == 10
+    assert parse_max_series(" 10000 ") == 10000
+    with pytest.raises(SettingsError) as caught:
+        parse_max_series("9")
+    assert str(caught.value) == "--max-series 9: at least 10"
+    with pytest.raises(SettingsError) as caught:
+        parse_max_series("lots")
+    assert str(caught.value) == "--max-series 'lots': expected a whole number"
