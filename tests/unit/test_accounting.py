@@ -472,6 +472,67 @@ def fake_totals_after_reload(accountant: Accountant) -> dict[str, dict[tuple[str
     return {family.name: dict(family.samples) for family in accountant.families()}
 
 
+# -- cardinality budget and expiry ----------------------------------------------------------------
+
+OTHER = ("~other", "~other", "~other")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_new_label_sets_past_the_budget_fold_into_other() -> None:
+    enricher = FakeEnricher(workloads={1: "app", 2: "intruder", 3: "app", 4: "late"})
+    accountant = fake_accountant(enricher, max_series=4)  # one connection's 4 series
+    accountant.apply(poll(live=[sample(1, sent=10), sample(2, sent=20)]))
+    accountant.apply(poll(live=[sample(3, sent=30)], finished=[sample(4, sent=40, flags=FINAL)]))
+    assert totals(accountant, "fake_received_bytes_total") == {
+        CLIENT_SERIES: 40,  # sockets 1 and 3: an existing label set is always reused
+        OTHER: 60,  # sockets 2 and 4: new label sets past the budget
+    }
+    assert totals(accountant, "fake_opened_total") == {CLIENT_SERIES: 2, OTHER: 2}
+    assert totals(accountant, "fake_closed_total") == {CLIENT_SERIES: 0, OTHER: 1}
+    stats = accountant.stats()
+    assert (stats.overflowed_connections, stats.series) == (2, 8)
+
+
+def test_idle_series_of_finished_connections_expire_after_the_ttl() -> None:
+    clock = FakeClock()
+    enricher = FakeEnricher(workloads={1: "gone", 2: "staying"})
+    accountant = fake_accountant(enricher, series_ttl=600.0, clock=clock)
+    accountant.apply(poll(live=[sample(2, sent=5)], finished=[sample(1, sent=10, flags=FINAL)]))
+    clock.now += 600.0
+    accountant.apply(poll(live=[sample(2, sent=5)]))
+    assert totals(accountant, "fake_received_bytes_total") == {
+        ("source", "gone", "198.18.0.2"): 10,
+        ("source", "staying", "198.18.0.2"): 5,
+    }  # exactly the TTL: not yet
+    clock.now += 60.0  # expiry is checked at most once a minute (ttl/4 when shorter)
+    accountant.apply(poll(live=[sample(2, sent=5)]))  # socket 2 idle, but live: kept
+    assert totals(accountant, "fake_received_bytes_total") == {
+        ("source", "staying", "198.18.0.2"): 5
+    }
+    assert accountant.stats().expired_series == 4
+    accountant.apply(poll(finished=[sample(2, sent=7, flags=FINAL)]))
+    clock.now += 601.0
+    accountant.apply(poll())
+    assert totals(accountant, "fake_received_bytes_total") == {}
+    assert accountant.stats().expired_series == 8
+
+
+def test_without_a_ttl_series_never_expire() -> None:
+    clock = FakeClock()
+    accountant = fake_accountant(clock=clock)
+    accountant.apply(poll(finished=[sample(1, sent=10, flags=FINAL)]))
+    clock.now += 10**9
+    accountant.apply(poll())
+    assert totals(accountant, "fake_received_bytes_total") == {CLIENT_SERIES: 10}
+
+
 # -- property: every byte moved is counted exactly once --------------------------------------
 
 
@@ -531,11 +592,12 @@ _actions = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(actions=st.lists(_actions, max_size=60))
-def test_property_every_byte_moved_is_counted_once_per_direction(actions) -> None:
+@given(actions=st.lists(_actions, max_size=60), budget=st.sampled_from([None, 4, 9]))
+def test_property_every_byte_moved_is_counted_once_per_direction(actions, budget) -> None:
     kernel = _KernelModel()
-    enricher = FakeEnricher()
-    accountant = Accountant(FakeCatalogue(), enricher, max_wait_polls=2)
+    # every socket its own workload, so a small series budget overflows into ~other
+    enricher = FakeEnricher(workloads={sid: f"w{sid % 5}" for sid in range(1, 100)})
+    accountant = Accountant(FakeCatalogue(), enricher, max_wait_polls=2, max_series=budget)
     for action in actions:
         match action:
             case ("open", role):

@@ -33,7 +33,8 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
     monkeypatch.setattr(wiring, "build_agent", tripwire)
     for name in ("INTERVAL", "LISTEN", "BACKEND", "LOG_LEVEL", "MAX_SOCKETS", "CONFIG",
                  "KUBERNETES", "KUBECONFIG", "NODE_NAME", "TLS_CERT", "TLS_KEY", "BASIC_AUTH",
-                 "BEARER_TOKEN", "PROC_ROOT", "CGROUP_ROOT", "BTF_PATH"):
+                 "BEARER_TOKEN", "PROC_ROOT", "CGROUP_ROOT", "BTF_PATH", "MAX_SERIES",
+                 "SERIES_TTL"):
         monkeypatch.delenv(f"TCPACCT_{name}", raising=False)
     monkeypatch.delenv("NODE_NAME", raising=False)
     return calls
@@ -125,6 +126,21 @@ def test_bad_map_capacity(started) -> None:
 def test_bad_log_level(started) -> None:
     error = refused(invoke(["run", "--log-level", "trace"]), started)
     assert error.startswith("Invalid value for '--log-level': 'trace' is not one of")
+
+
+def test_bad_series_budget_and_ttl(started) -> None:
+    assert refused(invoke(["run", "--max-series", "5"]), started) == (
+        "Invalid value for '--max-series': --max-series 5: at least 10"
+    )
+    assert refused(invoke(["run"], env={"TCPACCT_SERIES_TTL": "30s"}), started) == (
+        "Invalid value for '--series-ttl': --series-ttl '30s': at least 1m (or 0 to disable)"
+    )
+
+
+def test_series_budget_and_ttl_become_settings(started) -> None:
+    result = invoke(["run", "--max-series", "500"], env={"TCPACCT_SERIES_TTL": "0"})
+    assert result.exit_code == 0, result.output
+    assert (started[0].max_series, started[0].series_ttl) == (500, 0.0)
 
 
 # -- valid command lines reach _run with the right settings ---------------------------------------
