@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -470,6 +471,28 @@ def test_replace_catalogue_keeps_unchanged_metrics_and_drops_removed_ones() -> N
 
 def fake_totals_after_reload(accountant: Accountant) -> dict[str, dict[tuple[str, ...], int]]:
     return {family.name: dict(family.samples) for family in accountant.families()}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: accounting._revive brings back a tombstoned socket with the series keys "
+    "evaluated under the old catalogue; after replace_catalogue changed a metric's labels, "
+    "its late bytes land in a key with the old label arity (the exporter's zip(strict=True) "
+    "then fails every scrape) or, for a removed metric, in a series nobody exports",
+)
+def test_socket_revived_after_a_reload_counts_into_the_new_definitions() -> None:
+    accountant = fake_accountant()
+    accountant.apply(poll(live=[sample(1, sent=100)]))
+    accountant.apply(poll())
+    accountant.apply(poll())  # declared spilled: tombstoned with its series
+    sent, received, opened, closed = FakeCatalogue().metrics
+    assert isinstance(received, FakeMetric)
+    by_reporter = FakeMetric(received.name, received.value, label_names=("reporter",))
+    accountant.replace_catalogue(FakeCatalogue((sent, by_reporter, opened, closed)))
+    accountant.apply(poll(finished=[sample(1, sent=150, flags=FINAL)]))
+    for family in accountant.families():
+        assert all(len(labels) == len(family.label_names) for labels in family.samples)
+    assert totals(accountant, "fake_received_bytes_total") == {("source",): 50}
 
 
 # -- cardinality budget and expiry ----------------------------------------------------------------
