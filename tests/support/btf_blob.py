@@ -149,13 +149,16 @@ class BtfWriter:
         return header + bytes(self.header_padding) + bytes(self._types) + bytes(self._strings)
 
 
-def mini_kernel(sk_protocol_size: int = 2) -> tuple[BtfWriter, dict[str, int]]:
+def mini_kernel(
+    sk_protocol_size: int = 2, sk_common_offset: int = 0
+) -> tuple[BtfWriter, dict[str, int]]:
     """A tiny kernel with the structs tcpacct's layout needs, laid out like x86-64 6.x.
 
     Offsets (bytes): sock_common: skc_daddr 0, skc_rcv_saddr 4, skc_dport 12, skc_num 14,
     skc_family 16, skc_net 48, skc_v6_daddr 56, skc_v6_rcv_saddr 72; sock: __sk_common 0,
     sk_protocol 516 (``sk_protocol_size`` bytes); inet_sock: sk 0, inet_sport 782;
-    net: ns 120; ns_common: inum 16.
+    net: ns 120; ns_common: inum 16. ``sk_common_offset`` moves ``__sk_common`` (a layout no
+    kernel has had) to prove that offsets.py does not assume it at 0.
     """
     w = BtfWriter()
     ids: dict[str, int] = {}
@@ -201,7 +204,7 @@ def mini_kernel(sk_protocol_size: int = 2) -> tuple[BtfWriter, dict[str, int]]:
     ids["sock"] = w.struct(
         "sock",
         768,
-        [("__sk_common", sock_common, 0), ("sk_gso_type", u16, 4112),
+        [("__sk_common", sock_common, 8 * sk_common_offset), ("sk_gso_type", u16, 4112),
          ("sk_protocol", u16 if sk_protocol_size == 2 else u8, 4128), ("sk_type", u16, 4144)],
     )
     ids["inet_sock"] = w.struct(

@@ -260,6 +260,21 @@ def test_kernel_layout_of_the_mini_kernel(kernel) -> None:
     ]
 
 
+def test_kernel_layout_adds_the_offset_of_sk_common_to_its_fields_only() -> None:
+    writer, _ = mini_kernel(sk_common_offset=8)
+    layout = kernel_layout(Btf(writer.bytes()))
+    assert layout == dataclasses.replace(
+        MINI_LAYOUT,
+        OFF_SKC_DADDR=8,
+        OFF_SKC_RCV_SADDR=12,
+        OFF_SKC_DPORT=20,
+        OFF_SKC_FAMILY=24,
+        OFF_SKC_NET=56,
+        OFF_SKC_V6_DADDR=64,
+        OFF_SKC_V6_RCV_SADDR=80,
+    )  # sk_protocol, inet_sport and ns.inum are measured from their own structs
+
+
 def test_kernel_layout_refuses_a_field_of_an_unexpected_size() -> None:
     """A kernel whose ``sk_protocol`` is not 16 bits: never guess, refuse."""
     writer, _ = mini_kernel(sk_protocol_size=1)
