@@ -42,6 +42,16 @@ from agent.model import (
 MISSING_POLLS_BEFORE_SPILLED = 2
 TOMBSTONE_POLLS = 16
 OVERFLOW = "~other"
+_OPENED, _CLOSED = SocketFlag.OPENED.value, SocketFlag.CLOSED.value
+_ESTABLISHED = SocketFlag.OPENED.value | SocketFlag.PREEXISTING.value
+# What a series counts, as an index into the per-socket amounts of _count.
+_SOURCES = {
+    ValueSource.RECEIVED_BYTES: 0,
+    ValueSource.SENT_BYTES: 1,
+    ValueSource.CONNECTIONS_OPENED: 2,
+    ValueSource.CONNECTIONS_CLOSED: 3,
+}
+_CLOSES = _SOURCES[ValueSource.CONNECTIONS_CLOSED]
 
 
 @dataclass(slots=True)
@@ -54,7 +64,7 @@ class _Tracked:
     role: Role = Role.UNKNOWN
     opened_counted: bool = False
     closed_counted: bool = False
-    series: tuple[tuple[SeriesKey, ValueSource], ...] | None = None
+    series: tuple[tuple[SeriesKey, int], ...] | None = None  # (series, _SOURCES index)
     attributes: ConnectionAttributes | None = None
     waited: int = 0  # polls held back waiting for a name
     missing: int = 0  # consecutive polls absent from both maps
@@ -142,6 +152,7 @@ class Accountant:
         self._series_ttl = series_ttl
         self._clock = clock
         self._touched: dict[SeriesKey, float] = {}
+        self._evaluated: dict[object, tuple[tuple[SeriesKey, ValueSource], ...]] = {}
         self._overflowed = 0
         self._expired = 0
         self._last_expiry = clock()
@@ -194,31 +205,33 @@ class Accountant:
             del self._tracked[sid]
 
     def _count(self, tracked: _Tracked, sample: SocketSample) -> None:
-        sent = max(0, sample.sent_bytes - tracked.sent)
-        received = max(0, sample.received_bytes - tracked.received)
-        tracked.sent = max(tracked.sent, sample.sent_bytes)
-        tracked.received = max(tracked.received, sample.received_bytes)
+        sent = sample.sent_bytes - tracked.sent
+        received = sample.received_bytes - tracked.received
+        if sent < 0:  # never let a (torn) smaller read make a total go down
+            sent = 0
+        else:
+            tracked.sent = sample.sent_bytes
+        if received < 0:
+            received = 0
+        else:
+            tracked.received = sample.received_bytes
+        flags = sample.flags.value
         tracked.flags = sample.flags
-        server = sample.role is Role.SERVER
-        connection = {
-            ValueSource.RECEIVED_BYTES: received if server else sent,
-            ValueSource.SENT_BYTES: sent if server else received,
-            ValueSource.CONNECTIONS_OPENED: int(
-                bool(sample.flags & SocketFlag.OPENED) and not tracked.opened_counted
-            ),
-            ValueSource.CONNECTIONS_CLOSED: int(
-                bool(sample.flags & SocketFlag.CLOSED)
-                and sample.established
-                and not tracked.closed_counted
-            ),
-        }
-        tracked.opened_counted |= bool(connection[ValueSource.CONNECTIONS_OPENED])
-        tracked.closed_counted |= bool(connection[ValueSource.CONNECTIONS_CLOSED])
+        opened = flags & _OPENED and not tracked.opened_counted
+        closed = flags & _CLOSED and flags & _ESTABLISHED and not tracked.closed_counted
+        if not (sent or received or opened or closed):
+            return
+        tracked.opened_counted = tracked.opened_counted or bool(opened)
+        tracked.closed_counted = tracked.closed_counted or bool(closed)
+        if sample.role is Role.SERVER:  # Istio direction: received = client -> server
+            amounts = (received, sent, 1 if opened else 0, 1 if closed else 0)
+        else:
+            amounts = (sent, received, 1 if opened else 0, 1 if closed else 0)
         assert tracked.series is not None
         totals = self._totals
         now = None
         for key, source in tracked.series:
-            amount = connection[source]
+            amount = amounts[source]
             if amount:
                 totals[key] = totals.get(key, 0) + amount
                 now = now or self._clock()
@@ -226,7 +239,7 @@ class Accountant:
 
     def _admit(
         self, series: tuple[tuple[SeriesKey, ValueSource], ...]
-    ) -> tuple[tuple[SeriesKey, ValueSource], ...]:
+    ) -> tuple[tuple[SeriesKey, int], ...]:
         """Create a connection's series, folding new label sets past the budget into
         ``~other``; existing series are always reused."""
         now = self._clock()
@@ -243,7 +256,7 @@ class Accountant:
             if key not in self._totals:
                 self._totals[key] = 0
                 self._touched[key] = now
-            admitted.append((key, source))
+            admitted.append((key, _SOURCES[source]))
         self._overflowed += overflowed
         return tuple(admitted)
 
@@ -264,13 +277,22 @@ class Accountant:
     def _series_for(
         self, attributes: ConnectionAttributes
     ) -> tuple[tuple[SeriesKey, ValueSource], ...]:
-        """Evaluated once per connection: cost does not grow with traffic."""
+        """Evaluated once per distinct label-relevant attributes (the catalogue says which),
+        not per connection and never per byte."""
+        key_of = getattr(self._catalogue, "evaluation_key", None)
+        key = key_of(attributes) if key_of is not None else attributes
+        cached = self._evaluated.get(key)
+        if cached is not None:
+            return cached
+        if len(self._evaluated) >= 65536:
+            self._evaluated.clear()
         out = []
         for definition in self._catalogue.definitions():
             labels = definition.evaluate(attributes)
             if labels is not None:
                 out.append((SeriesKey(definition.name, labels), definition.value))
-        return tuple(out)
+        self._evaluated[key] = result = tuple(out)
+        return result
 
     def _notice_vanished(self, seen: set[int]) -> None:
         """Sockets gone from both maps: the kernel spilled their close (closed map full)."""
@@ -292,7 +314,7 @@ class Accountant:
             was_connection = tracked.flags & (SocketFlag.OPENED | SocketFlag.PREEXISTING)
             if tracked.series is not None and was_connection and not tracked.closed_counted:
                 for key, source in tracked.series:
-                    if source is ValueSource.CONNECTIONS_CLOSED:
+                    if source == _CLOSES:
                         self._totals[key] = self._totals.get(key, 0) + 1
                 tracked.closed_counted = True
         expired = [
@@ -319,9 +341,7 @@ class Accountant:
         counted_sent = u.spilled_baseline_sent + u.missing_sent
         counted_received = u.spilled_baseline_received + u.missing_received
         sent = c.untracked_sent_bytes + max(0, c.spilled_sent_bytes - counted_sent)
-        received = c.untracked_received_bytes + max(
-            0, c.spilled_received_bytes - counted_received
-        )
+        received = c.untracked_received_bytes + max(0, c.spilled_received_bytes - counted_received)
         u.exported_sent = max(u.exported_sent, sent)
         u.exported_received = max(u.exported_received, received)
         self._kernel_untracked = (
@@ -340,6 +360,7 @@ class Accountant:
             old = {_fingerprint(d): d.name for d in self._catalogue.definitions()}
             kept_names = {d.name for d in catalogue.definitions() if _fingerprint(d) in old}
             self._catalogue = catalogue
+            self._evaluated.clear()
             self._totals = {k: v for k, v in self._totals.items() if k.metric in kept_names}
             self._touched = {k: v for k, v in self._touched.items() if k in self._totals}
             for tracked in self._tracked.values():

@@ -238,12 +238,38 @@ class PeerIndex(Protocol):
     def peer_of(self, sample: SocketSample) -> SocketSample | None: ...
 
 
-@dataclass(frozen=True, slots=True)
 class SeriesKey:
-    """One exported series: metric name and its label values (in the definition's order)."""
+    """One exported series: metric name and its label values (in the definition's order).
 
-    metric: str
-    labels: tuple[str, ...]
+    Immutable, with its hash computed once: accounting looks series up on every poll.
+    """
+
+    __slots__ = ("_hash", "labels", "metric")
+
+    def __init__(self, metric: str, labels: tuple[str, ...]) -> None:
+        object.__setattr__(self, "metric", metric)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "_hash", hash((metric, labels)))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("SeriesKey is immutable")
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, SeriesKey):
+            return NotImplemented
+        return (
+            self._hash == other._hash
+            and self.metric == other.metric
+            and self.labels == other.labels
+        )
+
+    def __repr__(self) -> str:
+        return f"SeriesKey({self.metric!r}, {self.labels!r})"
 
 
 class MetricDefinition(Protocol):
@@ -260,6 +286,10 @@ class MetricDefinition(Protocol):
 
 
 class MetricCatalogue(Protocol):
-    """The effective set of metric definitions (built-in plus configuration)."""
+    """The effective set of metric definitions (built-in plus configuration).
+
+    A catalogue may also offer ``evaluation_key(attributes) -> Hashable``: attributes with
+    equal keys evaluate alike under every definition, so accounting evaluates once per key.
+    """
 
     def definitions(self) -> Iterable[MetricDefinition]: ...

@@ -116,8 +116,24 @@ def _handler(
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread per connection; with TLS the handshake runs in that thread (never in
+    accept(), where one silent client would stall every other scrape)."""
+
     daemon_threads = True
     allow_reuse_address = True
+    tls: ssl.SSLContext | None = None
+    handshake_timeout = 10.0
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if self.tls is not None:
+            request.settimeout(self.handshake_timeout)
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError) as error:
+                log.debug("TLS handshake with %s failed: %s", client_address, error)
+                return
+            request.settimeout(None)
+        super().finish_request(request, client_address)
 
 
 class _Server6(_Server):
@@ -143,7 +159,7 @@ class MetricsServer:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(str(security.tls_cert), str(security.tls_key))
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self._server.tls = context
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 

@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(python3-bpfcc python3-venv linux-headers-amd64 bpftool nftables conntrack iproute2
-          prometheus iperf3 bpfcc-tools qemu-system-x86 debootstrap e2fsprogs)
+          prometheus iperf3 bpfcc-tools qemu-system-x86 debootstrap e2fsprogs gcc libc6-dev
+          util-linux curl)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

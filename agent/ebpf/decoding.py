@@ -7,8 +7,8 @@ task name as a NUL-padded char array. These small functions turn them into text.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import socket
+import struct
 from collections.abc import Sequence
 
 from agent.model import Endpoint, KernelCounters, Role, SocketFlag, SocketSample
@@ -42,6 +42,9 @@ class SockInfo(ctypes.Structure):
     ]
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
 def decode_address(family: int, raw: bytes) -> str:
     """16 raw bytes -> address text, IPv4-mapped IPv6 folded to IPv4.
 
@@ -49,9 +52,10 @@ def decode_address(family: int, raw: bytes) -> str:
     ``decode_address(10, bytes(10) + b"\\xff\\xff\\x7f\\x00\\x00\\x01")`` -> ``"127.0.0.1"``.
     """
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(bytes(raw[:4])))
-    ip = ipaddress.IPv6Address(bytes(raw[:16]))
-    return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else str(ip)
+        return socket.inet_ntop(AF_INET, raw[:4])
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(AF_INET, raw[12:16])
+    return socket.inet_ntop(AF_INET6, raw[:16])
 
 
 def decode_port(raw: int) -> int:
@@ -72,24 +76,50 @@ def decode_comm(raw: bytes) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+SOCK_INFO = struct.Struct("<QQQ16s16sHHHBBII16s")  # struct sock_info, 88 bytes
+_ROLES = {int(role): role for role in Role}
+_FLAGS = {value: SocketFlag(value) for value in range(16)}
+
+
 def decode_sample(info: SockInfo) -> SocketSample:
     """A ``struct sock_info`` (bcc's generated type or :class:`SockInfo`) -> SocketSample."""
-    family = info.family
+    return decode_raw(bytes(info))
+
+
+def decode_raw(raw: bytes | memoryview) -> SocketSample:
+    """The 88 bytes of a ``struct sock_info`` -> SocketSample (the per-poll hot path).
+
+    id 7, 100 bytes sent, 20 received, 127.0.0.1:5000 -> 127.0.0.1:80, client, OPENED,
+    netns 4026531840, pid 42, comm "curl" -> ``SocketSample(7, 100, 20,
+    Endpoint("127.0.0.1", 5000), Endpoint("127.0.0.1", 80), Role.CLIENT, SocketFlag.OPENED,
+    4026531840, 42, "curl")``.
+    """
+    (
+        sid,
+        sent,
+        received,
+        local,
+        remote,
+        local_port,
+        remote_port,
+        family,
+        role,
+        flags,
+        netns,
+        tgid,
+        comm,
+    ) = SOCK_INFO.unpack(raw)
     return SocketSample(
-        socket_id=info.id,
-        sent_bytes=info.sent,
-        received_bytes=info.received,
-        local=Endpoint(
-            decode_address(family, bytes(info.local_addr)), decode_port(info.local_port)
-        ),
-        remote=Endpoint(
-            decode_address(family, bytes(info.remote_addr)), decode_port(info.remote_port)
-        ),
-        role=Role(info.role) if info.role in (0, 1, 2) else Role.UNKNOWN,
-        flags=SocketFlag(info.flags & 0xF),
-        netns=info.netns,
-        pid=info.tgid,
-        comm=decode_comm(info.comm),
+        sid,
+        sent,
+        received,
+        Endpoint(decode_address(family, local), socket.ntohs(local_port)),
+        Endpoint(decode_address(family, remote), socket.ntohs(remote_port)),
+        _ROLES.get(role, Role.UNKNOWN),
+        _FLAGS[flags & 0xF],
+        netns,
+        tgid,
+        decode_comm(comm),
     )
 
 

@@ -33,7 +33,7 @@ from agent.ebpf.decoding import (
     SockInfo,
     decode_comm,
     decode_counters,
-    decode_sample,
+    decode_raw,
     encode_port,
 )
 from agent.ebpf.headers import apply_headers, choose_headers
@@ -133,7 +133,7 @@ class KernelTracer:
             ):
                 sample = known
             else:
-                sample = decode_sample(SockInfo.from_buffer_copy(chunk))
+                sample = decode_raw(chunk)
             samples.append(sample)
             if live:
                 fresh[sid] = sample

@@ -55,7 +55,6 @@ class PodRecord:
     created: float = 0.0  # creationTimestamp, seconds since the epoch (0.0 if unknown)
     config_hash: str = ""  # a static pod's mirror: the UID its cgroups carry
 
-
     @property
     def terminal(self) -> bool:
         """A Succeeded/Failed pod keeps ``status.podIP`` but no longer holds the address."""

@@ -224,8 +224,9 @@ class ResourceWatcher:
             code = obj.get("code")
             if code == GONE:
                 raise ResourceGone(str(obj.get("message", "")))
-            raise ApiException(status=code if isinstance(code, int) else 0,
-                               reason=str(obj.get("message", "")))
+            raise ApiException(
+                status=code if isinstance(code, int) else 0, reason=str(obj.get("message", ""))
+            )
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind_of_event == "BOOKMARK":
             if version:

@@ -14,8 +14,9 @@ the old catalogue); ``validate_files`` returns the problems instead.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,9 +24,12 @@ from typing import Any
 
 import yaml
 
+from agent.model import ConnectionAttributes, PeerIdentity
+
 from .checking import FileChecker
 from .definitions import CompiledMetric
 from .documents import DocumentError, Located, read_documents
+from .expressions import AttributeRef
 from .mixer import MixerObjects, collect, is_mixer_document, resolve
 from .native import BuiltinSwitches, read_native
 from .problems import ConfigError, ConfigProblem
@@ -35,7 +39,7 @@ log = logging.getLogger(__name__)
 BUILTIN_FILE = "builtin.yaml"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Catalogue:
     """The metric definitions in effect (``agent.model.MetricCatalogue``)."""
 
@@ -54,6 +58,66 @@ class Catalogue:
 
     def describe(self) -> list[dict[str, Any]]:
         return [metric.describe() for metric in self.metrics]
+
+    def evaluation_key(self, attributes: ConnectionAttributes) -> Hashable:
+        """Attributes that every definition here evaluates alike share a key.
+
+        No built-in reads an end's ip or port, so unless a configured metric does, two
+        connections between the same workloads (different ephemeral ports) share a key and
+        the accountant evaluates the definitions once for both:
+        ``10.0.0.5:41000 -> db`` and ``10.0.0.5:41002 -> db`` -> one key.
+        """
+        if self._reads_addresses:
+            return attributes
+        return (
+            attributes.reporter,
+            _without_address(attributes.source),
+            _without_address(attributes.destination),
+            attributes.service,
+            attributes.protocol,
+        )
+
+    @functools.cached_property
+    def _reads_addresses(self) -> bool:
+        names = referenced_attributes(self.metrics)
+        return any(name.endswith((".ip", ".port")) for name in names)
+
+
+def _without_address(peer: PeerIdentity) -> tuple[object, ...]:
+    """Everything of a peer but its ip and port, hashable."""
+    labels = peer.labels
+    return (
+        peer.workload,
+        peer.namespace,
+        peer.principal,
+        peer.app,
+        peer.version,
+        peer.canonical_service,
+        peer.canonical_revision,
+        peer.cluster,
+        peer.uid,
+        peer.pod_name,
+        frozenset(labels.items()) if labels else None,
+    )
+
+
+def referenced_attributes(metrics: Sequence[CompiledMetric]) -> frozenset[str]:
+    """Every attribute name the metrics' expressions read: ``{"source.workload.name", …}``."""
+    names: set[str] = set()
+    stack: list[Any] = []
+    for metric in metrics:
+        stack.extend(expr.tree for expr in metric.dimensions.values())
+        if metric.match is not None:
+            stack.append(metric.match.tree)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, AttributeRef):
+            names.add(node.name)
+        for child in ("target", "key", "operand", "left", "right"):
+            if hasattr(node, child):
+                stack.append(getattr(node, child))
+        stack.extend(getattr(node, "args", ()))
+    return frozenset(names)
 
 
 def _load_builtins() -> list[CompiledMetric]:

@@ -68,13 +68,19 @@ def listening_sockets(proc: Path = Path("/proc")) -> list[ListeningSocket]:
     found: list[ListeningSocket] = []
     for netns, pids in pids_by_netns.items():
         ports_by_inode: dict[int, int] = {}
-        for table in ("tcp", "tcp6"):
+        for pid in pids:  # any process of the namespace will do; some exit while we read
             try:
-                text = (proc / pids[0] / "net" / table).read_text()
+                tables = [(proc / pid / "net" / "tcp").read_text()]
             except OSError:
-                continue
-            for port, inode in parse_listeners(text):
-                ports_by_inode[inode] = port
+                continue  # exited while we read: try the next process of the namespace
+            try:
+                tables.append((proc / pid / "net" / "tcp6").read_text())
+            except OSError:
+                pass  # no IPv6 in this kernel
+            for text in tables:
+                for port, inode in parse_listeners(text):
+                    ports_by_inode[inode] = port
+            break
         if not ports_by_inode:
             continue
         owners: dict[int, tuple[int, str]] = {}

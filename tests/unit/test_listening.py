@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 from agent.model import ListeningSocket
 from agent.resolve.listening import listening_sockets, parse_listeners
 
@@ -159,12 +157,6 @@ def test_empty_proc(tmp_path: Path) -> None:
     assert listening_sockets(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resolve/listening.listening_sockets reads net/tcp{,6} of only the first pid "
-    "of each network namespace; when that one cannot be read (exited during the scan), "
-    "every listener of the namespace is lost although other pids could be read",
-)
 def test_a_vanished_first_process_does_not_hide_its_namespace(tmp_path, monkeypatch) -> None:
     proc = tmp_path / "proc"
     proc.mkdir()

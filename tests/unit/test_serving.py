@@ -317,13 +317,6 @@ def test_tls_refuses_versions_before_1_2(pki: Pki, tls_server: Running) -> None:
         get(tls_server.port, "/healthz", {}, context)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="BUG: serving.MetricsServer wraps the listening socket, so the TLS handshake runs "
-    "in accept() on the single serve_forever thread: one client that connects and sends "
-    "nothing stalls /metrics and /healthz for everyone",
-)
 def test_idle_tcp_client_does_not_stall_a_tls_endpoint(
     pki: Pki, servers: dict[str, Running]
 ) -> None:
