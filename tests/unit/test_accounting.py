@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agent.accounting import Accountant
@@ -495,6 +496,28 @@ def test_socket_revived_after_a_reload_counts_into_the_new_definitions() -> None
     assert totals(accountant, "fake_received_bytes_total") == {("source",): 50}
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (minor): accounting._notice_vanished drops a socket still held back (never "
+    "named) when it is declared spilled: the connection it saw OPENED is never counted as "
+    "opened or closed, and the bytes its live samples showed go to unattributed although "
+    "a forced (final) name would attribute them",
+)
+def test_held_back_socket_that_spills_is_still_a_connection() -> None:
+    enricher = FakeEnricher(pending={1})
+    accountant = fake_accountant(enricher, max_wait_polls=10)
+    accountant.apply(poll(live=[sample(1, sent=100)]))  # held back: not named yet
+    accountant.apply(poll(counters=spilled(150, 0)))  # its close spilled
+    accountant.apply(poll(counters=spilled(150, 0)))  # declared spilled
+    assert fake_totals(accountant) == {
+        "received": {CLIENT_SERIES: 100},
+        "sent": {CLIENT_SERIES: 0},
+        "opened": {CLIENT_SERIES: 1},
+        "closed": {CLIENT_SERIES: 1},
+    }
+    assert unattributed(accountant) == (50, 0)
+
+
 # -- cardinality budget and expiry ----------------------------------------------------------------
 
 OTHER = ("~other", "~other", "~other")
@@ -569,6 +592,8 @@ class _KernelModel:
     moved_received: int = 0  # client -> server bytes moved
     moved_sent: int = 0  # server -> client bytes moved
     connections: int = 0
+    counters: KernelCounters = field(default_factory=KernelCounters)
+    polled: set[int] = field(default_factory=set)  # socket ids a poll has shown
 
     def open(self, role: Role) -> None:
         sid = self.next_id
@@ -599,19 +624,42 @@ class _KernelModel:
             sid, sent=old.sent_bytes, received=old.received_bytes, role=old.role, flags=FINAL
         )
 
+    def spill(self, pick: int) -> None:
+        """Close a socket whose final record finds the closed map full."""
+        if not self.live:
+            return
+        sid = sorted(self.live)[pick % len(self.live)]
+        old = self.live.pop(sid)
+        self.counters = dataclasses.replace(
+            self.counters,
+            spilled_sent_bytes=self.counters.spilled_sent_bytes + old.sent_bytes,
+            spilled_received_bytes=self.counters.spilled_received_bytes + old.received_bytes,
+            spilled_sockets=self.counters.spilled_sockets + 1,
+        )
+
+    def untracked(self, write: bool, amount: int) -> None:
+        """Bytes on a socket that found the socket map full."""
+        key = "untracked_sent_bytes" if write else "untracked_received_bytes"
+        self.counters = dataclasses.replace(
+            self.counters, **{key: getattr(self.counters, key) + amount}
+        )
+
     def drain(self):
-        result = poll(live=list(self.live.values()), finished=list(self.closed.values()))
+        result = poll(live=list(self.live.values()), finished=list(self.closed.values()),
+                      counters=self.counters)
+        self.polled |= {*self.live, *self.closed}
         self.closed.clear()
         return result
 
 
-_actions = st.one_of(
+_ACTIONS = [
     st.tuples(st.just("open"), st.sampled_from([Role.CLIENT, Role.SERVER])),
     st.tuples(st.just("move"), st.integers(0, 50), st.booleans(), st.integers(1, 10_000)),
     st.tuples(st.just("close"), st.integers(0, 50)),
     st.tuples(st.just("poll")),
     st.tuples(st.just("hold"), st.integers(0, 50)),
-)
+]
+_actions = st.one_of(*_ACTIONS)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -645,6 +693,62 @@ def test_property_every_byte_moved_is_counted_once_per_direction(actions, budget
     assert sum(totals(accountant, "fake_closed_total").values()) == kernel.connections
     assert accountant.stats().tracked_sockets == 0
     assert unattributed(accountant) == (0, 0)
+
+
+_lossy_actions = st.one_of(
+    *_ACTIONS[:4],  # no "hold": see test_held_back_socket_that_spills_is_still_a_connection
+    st.tuples(st.just("spill"), st.integers(0, 50)),
+    st.tuples(st.just("untracked"), st.booleans(), st.integers(1, 10_000)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions=st.lists(_lossy_actions, max_size=60))
+@example(actions=[("open", Role.CLIENT), ("move", 0, True, 100), ("poll",), ("spill", 0),
+                  ("poll",), ("poll",)])
+@example(actions=[("open", Role.SERVER), ("move", 0, False, 7), ("poll",), ("move", 0, True, 5),
+                  ("spill", 0), ("untracked", True, 3), ("poll",)])
+def test_property_with_full_maps_every_byte_is_counted_once_somewhere(actions) -> None:
+    """Spilled closes and untracked sockets: series plus unattributed == bytes moved, at
+    every poll never more, and each connection closed once."""
+    kernel = _KernelModel()
+    enricher = FakeEnricher()
+    accountant = Accountant(FakeCatalogue(), enricher, max_wait_polls=2)
+    untracked = 0
+
+    def counted() -> int:
+        series = sum(totals(accountant, "fake_received_bytes_total").values()) + sum(
+            totals(accountant, "fake_sent_bytes_total").values()
+        )
+        return series + sum(unattributed(accountant))
+
+    for action in actions:
+        match action:
+            case ("open", role):
+                kernel.open(role)
+            case ("move", pick, write, amount):
+                kernel.move(pick, write, amount)
+            case ("close", pick):
+                kernel.close(pick)
+            case ("spill", pick):
+                kernel.spill(pick)
+            case ("untracked", write, amount):
+                kernel.untracked(write, amount)
+                untracked += amount
+            case ("poll",):
+                accountant.apply(kernel.drain())
+                assert counted() <= kernel.moved_received + kernel.moved_sent + untracked
+    while kernel.live:
+        kernel.close(0)
+    for _ in range(3):  # spilled sockets are declared after two polls of absence
+        accountant.apply(kernel.drain())
+
+    assert counted() == kernel.moved_received + kernel.moved_sent + untracked
+    # a connection spilled before any poll showed it is only in tcpacct_spilled_sockets_total
+    seen = len(kernel.polled)
+    assert sum(totals(accountant, "fake_opened_total").values()) == seen
+    assert sum(totals(accountant, "fake_closed_total").values()) == seen
+    assert accountant.stats().tracked_sockets == 0
 
 
 def test_property_model_moves_what_it_says() -> None:
