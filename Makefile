@@ -24,6 +24,10 @@ test-privileged: setup
 test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
 
+# Debian bookworm's stock 6.1 kernel under qemu (fentry, kprobe, auto); see docs/vm.md.
+test-vm: setup
+	$(PY) -m pytest -q -m vm tests/vm
+
 test: setup lint
 	$(PY) -m pytest -q tests
 
