@@ -9,7 +9,7 @@ FROM debian:bookworm-slim
 #   /usr/src (where /lib/modules/$(uname -r)/build points) over /usr/src.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      python3 python3-venv python3-pip python3-bpfcc linux-headers-amd64 \
+      python3 python3-venv python3-bpfcc linux-headers-amd64 \
  && mkdir -p /opt/tcpacct/usr \
  && mv /usr/src /opt/tcpacct/usr/src \
  && mkdir /usr/src \
@@ -17,12 +17,13 @@ RUN apt-get update \
 
 # The package runs from its source tree, as `make run` does: the BPF C sources are read at
 # run time from bpf/ beside agent/. The venv sees bcc through --system-site-packages.
+# Byte-code is compiled here: at run time the root filesystem is read-only.
 WORKDIR /opt/tcpacct
 COPY pyproject.toml ./
 COPY agent ./agent
 COPY bpf ./bpf
 RUN /usr/bin/python3 -m venv --system-site-packages /opt/tcpacct/.venv \
- && /opt/tcpacct/.venv/bin/pip install --no-cache-dir --no-compile -e . \
+ && /opt/tcpacct/.venv/bin/pip install --no-cache-dir -e . \
  && /opt/tcpacct/.venv/bin/python -m compileall -q agent \
  && /opt/tcpacct/.venv/bin/python -c "import bcc, agent"
 
