@@ -118,6 +118,17 @@ def test_bitfield_on_a_byte_boundary_is_refused(kernel) -> None:
         btf.member("sock_common", "skc_reuse")  # actual: Member("skc_reuse", 19, 1, ...)
 
 
+def test_bitfield_encoded_in_the_int_type_is_refused() -> None:
+    """Structs without kind_flag (older pahole) give a bitfield an INT type of fewer bits."""
+    writer = BtfWriter()
+    nibble = writer.int("unsigned char", 1, bits=4)  # BTF_INT_BITS 4: a bitfield
+    u8 = writer.int("unsigned char", 1)
+    writer.struct("flags", 4, [("state", u8, 0), ("reuse", nibble, 8)])  # no kind_flag
+    with pytest.raises(BtfError, match="bitfield"):
+        Btf(writer.bytes()).member("flags", "reuse")
+    assert Btf(writer.bytes()).member("flags", "state") == Member("state", 0, 1, u8)
+
+
 def test_regular_members_of_a_kind_flag_struct_keep_their_offsets(kernel) -> None:
     """sock_common has bitfields, so its member offsets carry a bitfield-size byte."""
     btf, _ = kernel
