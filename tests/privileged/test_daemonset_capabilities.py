@@ -41,8 +41,11 @@ OPERATIONS = {
     "readlink another user's /proc/<pid>/ns/net": (
         "import os, sys; assert os.readlink(f'/proc/{sys.argv[1]}/ns/net').startswith('net:[')"
     ),
-    "dump conntrack over netlink": (
-        "from pyroute2 import NFCTSocket; s = NFCTSocket(); list(s.dump()); s.close()"
+    # The table's entry count (IPCTNL_MSG_CT_GET_STATS) goes through the same CAP_NET_ADMIN
+    # check as a dump or a lookup, and takes no time on a busy host's table.
+    "read conntrack over netlink": (
+        "from pyroute2 import NFCTSocket; s = NFCTSocket(); "
+        "assert s.count()[0].get_attr('CTA_STATS_GLOBAL_ENTRIES') is not None; s.close()"
     ),
 }
 
@@ -54,7 +57,7 @@ NEEDED_FOR = {
                    "readlink another user's /proc/<pid>/ns/net"],
     "DAC_READ_SEARCH": ["list another user's /proc/<pid>/fd",
                         "readlink another user's socket fd"],
-    "NET_ADMIN": ["dump conntrack over netlink"],
+    "NET_ADMIN": ["read conntrack over netlink"],
 }
 
 
