@@ -67,6 +67,7 @@ class _Tracked:
     series: tuple[tuple[SeriesKey, int], ...] | None = None  # (series, _SOURCES index)
     attributes: ConnectionAttributes | None = None
     waited: int = 0  # polls held back waiting for a name
+    last_sample: SocketSample | None = None  # kept only while held back
     missing: int = 0  # consecutive polls absent from both maps
 
 
@@ -156,6 +157,11 @@ class Accountant:
         self._overflowed = 0
         self._expired = 0
         self._last_expiry = clock()
+        self._published: tuple[dict[SeriesKey, int], tuple[MetricDefinition, ...]] = (
+            {},
+            tuple(catalogue.definitions()),
+        )
+        self._published_stats = AccountingStats(0, 0, 0, 0, 0, 0, 0)
         self._lock = threading.Lock()
         self._tracked: dict[int, _Tracked] = {}
         self._totals: dict[SeriesKey, int] = {}
@@ -179,6 +185,7 @@ class Accountant:
             self._notice_vanished(seen)
             self._fold_kernel_counters(poll)
             self._expire_idle_series()
+            self._publish()
 
     def _advance(self, sample: SocketSample, peers: _Peers, *, final: bool) -> None:
         sid = sample.socket_id
@@ -194,11 +201,13 @@ class Accountant:
             if attributes is None:
                 tracked.waited += 1  # cumulative counters: nothing is lost by waiting
                 if not final:
+                    tracked.last_sample = sample
                     return
                 attributes = self._enricher.attributes(sample, peers, final=True)
             if attributes is None:
                 raise RuntimeError("enricher returned None for a final sample")
             tracked.attributes = attributes
+            tracked.last_sample = None
             tracked.series = self._admit(self._series_for(attributes))
         self._count(tracked, sample)
         if final:
@@ -304,10 +313,21 @@ class Accountant:
             if tracked.missing < MISSING_POLLS_BEFORE_SPILLED:
                 # Its spill may already be in the kernel counters read this poll: what was
                 # counted for it must not be exported as unattributed meanwhile.
-                unattributed.missing_sent += tracked.sent
-                unattributed.missing_received += tracked.received
+                # (A socket still held back will be named and counted up to its last sample.)
+                last = tracked.last_sample if tracked.series is None else None
+                unattributed.missing_sent += last.sent_bytes if last else tracked.sent
+                unattributed.missing_received += last.received_bytes if last else tracked.received
                 continue
             del self._tracked[sid]
+            if tracked.series is None and tracked.last_sample is not None:
+                # held back when it vanished: name it now from what was last seen of it
+                last = tracked.last_sample
+                attributes = self._enricher.attributes(last, _Peers(()), final=True)
+                if attributes is not None:
+                    tracked.attributes = attributes
+                    tracked.series = self._admit(self._series_for(attributes))
+                    self._count(tracked, last)
+                tracked.last_sample = None
             unattributed.spilled_baseline_sent += tracked.sent
             unattributed.spilled_baseline_received += tracked.received
             unattributed.tombstones[sid] = (tracked, self._polls)
@@ -363,39 +383,48 @@ class Accountant:
             self._evaluated.clear()
             self._totals = {k: v for k, v in self._totals.items() if k.metric in kept_names}
             self._touched = {k: v for k, v in self._touched.items() if k in self._totals}
-            for tracked in self._tracked.values():
+            reviving = [tracked for tracked, _ in self._unattributed.tombstones.values()]
+            for tracked in [*self._tracked.values(), *reviving]:
                 if tracked.attributes is not None:
                     tracked.series = self._admit(self._series_for(tracked.attributes))
+            self._publish()
 
     # -- reading -----------------------------------------------------------------------------
     def families(self) -> list[FamilySnapshot]:
-        with self._lock:
-            by_metric: dict[str, dict[tuple[str, ...], int]] = {}
-            for key, value in self._totals.items():
-                by_metric.setdefault(key.metric, {})[key.labels] = value
-            return [
-                FamilySnapshot(d.name, d.help, d.label_names, by_metric.get(d.name, {}))
-                for d in self._catalogue.definitions()
-            ]
+        """The totals as of the last poll. Never waits for a poll in progress: a scrape
+        reads the snapshot the last poll published."""
+        totals, definitions = self._published
+        by_metric: dict[str, dict[tuple[str, ...], int]] = {}
+        for key, value in totals.items():
+            by_metric.setdefault(key.metric, {})[key.labels] = value
+        return [
+            FamilySnapshot(d.name, d.help, d.label_names, by_metric.get(d.name, {}))
+            for d in definitions
+        ]
+
+    def _publish(self) -> None:
+        """Called with the lock held, after every change: one reference swap for readers."""
+        self._published = (dict(self._totals), tuple(self._catalogue.definitions()))
+        held = sum(1 for t in self._tracked.values() if t.series is None)
+        self._published_stats = AccountingStats(
+            tracked_sockets=len(self._tracked),
+            held_back_sockets=held,
+            unattributed_sent_bytes=self._unattributed.exported_sent,
+            unattributed_received_bytes=self._unattributed.exported_received,
+            untracked_sockets=self._kernel_untracked[2],
+            spilled_sockets=self._kernel_spilled_sockets,
+            series=len(self._totals),
+            overflowed_connections=self._overflowed,
+            expired_series=self._expired,
+        )
 
     def definitions(self) -> list[MetricDefinition]:
         with self._lock:
             return list(self._catalogue.definitions())
 
     def stats(self) -> AccountingStats:
-        with self._lock:
-            held = sum(1 for t in self._tracked.values() if t.series is None)
-            return AccountingStats(
-                tracked_sockets=len(self._tracked),
-                held_back_sockets=held,
-                unattributed_sent_bytes=self._unattributed.exported_sent,
-                unattributed_received_bytes=self._unattributed.exported_received,
-                untracked_sockets=self._kernel_untracked[2],
-                spilled_sockets=self._kernel_spilled_sockets,
-                series=len(self._totals),
-                overflowed_connections=self._overflowed,
-                expired_series=self._expired,
-            )
+        """As of the last poll (like :meth:`families`)."""
+        return self._published_stats
 
 
 def _fingerprint(definition: MetricDefinition) -> tuple[object, ...]:

@@ -11,6 +11,7 @@ Read from ``<proc>/<pid>/net/tcp{,6}`` once per network namespace, owners from
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,10 +74,8 @@ def listening_sockets(proc: Path = Path("/proc")) -> list[ListeningSocket]:
                 tables = [(proc / pid / "net" / "tcp").read_text()]
             except OSError:
                 continue  # exited while we read: try the next process of the namespace
-            try:
+            with contextlib.suppress(OSError):  # no IPv6 in this kernel
                 tables.append((proc / pid / "net" / "tcp6").read_text())
-            except OSError:
-                pass  # no IPv6 in this kernel
             for text in tables:
                 for port, inode in parse_listeners(text):
                     ports_by_inode[inode] = port

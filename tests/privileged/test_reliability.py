@@ -292,8 +292,13 @@ def test_full_closed_map_spills_exactly(backend):
         assert stats.spilled_sockets > 0
         counted = sum(harness.total(m, destination_service=service) for m in (RECEIVED, SENT))
         unattributed = stats.unattributed_sent_bytes + stats.unattributed_received_bytes
-        # 80 sockets each wrote 101 or 12 and read the other: (101 + 12) * 2 per connection
-        assert counted + unattributed == 40 * (101 + 12) * 2
+        # 80 sockets each wrote 101 or 12 and read the other. Bytes seen at the first poll
+        # are counted for all; the last 1 + 2 of a spilled socket are unattributed (the closed
+        # map is machine-wide: other sockets may spill too, hence ">=").
+        seen_first, everything = 40 * (100 + 10) * 2, 40 * (101 + 12) * 2
+        assert seen_first <= counted < everything
+        assert (counted - seen_first) % 3 == 0  # whole sockets' late bytes
+        assert counted + unattributed >= everything
         assert harness.total(CLOSED, destination_service=service) == 80
     finally:
         tracer.close()

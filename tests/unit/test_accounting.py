@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -474,13 +473,6 @@ def fake_totals_after_reload(accountant: Accountant) -> dict[str, dict[tuple[str
     return {family.name: dict(family.samples) for family in accountant.families()}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: accounting._revive brings back a tombstoned socket with the series keys "
-    "evaluated under the old catalogue; after replace_catalogue changed a metric's labels, "
-    "its late bytes land in a key with the old label arity (the exporter's zip(strict=True) "
-    "then fails every scrape) or, for a removed metric, in a series nobody exports",
-)
 def test_socket_revived_after_a_reload_counts_into_the_new_definitions() -> None:
     accountant = fake_accountant()
     accountant.apply(poll(live=[sample(1, sent=100)]))
@@ -496,13 +488,6 @@ def test_socket_revived_after_a_reload_counts_into_the_new_definitions() -> None
     assert totals(accountant, "fake_received_bytes_total") == {("source",): 50}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): accounting._notice_vanished drops a socket still held back (never "
-    "named) when it is declared spilled: the connection it saw OPENED is never counted as "
-    "opened or closed, and the bytes its live samples showed go to unattributed although "
-    "a forced (final) name would attribute them",
-)
 def test_held_back_socket_that_spills_is_still_a_connection() -> None:
     enricher = FakeEnricher(pending={1})
     accountant = fake_accountant(enricher, max_wait_polls=10)
