@@ -1,0 +1,297 @@
+"""The agent under test, in its own process: ``python -m bench.probe [options]``.
+
+It attaches the kernel side (``open_tracer``), folds every poll into a real
+:class:`agent.accounting.Accountant` (built-in metrics, local-mode enricher) and, unless
+``--interval 0``, polls from a background thread every interval as the agent does. Being a
+separate process, its polling competes with the workload for CPUs as the real agent would,
+never for the workload's interpreter lock.
+
+It speaks JSON lines: one command per line on stdin, one answer per line on stdout. After
+attaching it prints ``{"ready": true, "backend": "tracepoint", "attach_s": 0.98, ...}``.
+
+=================================== ===========================================================
+command                             answer
+=================================== ===========================================================
+``{"cmd": "watch", "ports": [P]}``  keep the last sample of every socket with local or remote
+                                    port P (``"all"``: every socket) in the accuracy ledger
+``{"cmd": "poll"}``                 one poll now: ``{"poll_cpu_s", "apply_cpu_s", "wall_s",
+                                    "live", "finished", "rss_kib"}`` (``"profile": N`` adds the
+                                    N hottest functions by cProfile)
+``{"cmd": "settle", "polls": 5}``   that many polls in a row (held-back sockets get named)
+``{"cmd": "report", "ports": [P]}`` ledger sockets and accountant totals for those ports
+``{"cmd": "stats"}``                poller thread's polls and CPU per poll, RSS
+``{"cmd": "detach"}``               detach every hook (programs stay loaded, maps kept) and
+                                    pause the poller: the data path as with no agent
+``{"cmd": "attach"}``               attach again (lifecycle hooks first) and resume polling
+``{"cmd": "quit"}``                 detach, answer ``{"ok": true}``, exit
+=================================== ===========================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import logging
+import os
+import pstats
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.accounting import Accountant
+from agent.ebpf.backends import Hook, plan_backend
+from agent.ebpf.btf import Btf
+from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
+from agent.enrich.local import LocalEnricher
+from agent.metrics.catalogue import load_catalogue
+from agent.model import KernelPoll, SocketSample
+from agent.resolve.listening import listening_sockets
+from agent.resolve.processes import ProcessNames
+
+SERVICE_LABEL = "destination_service"
+
+
+STATUS_FIELDS = {
+    "VmRSS:": "rss_kib",
+    "VmHWM:": "hwm_kib",
+    "RssAnon:": "rss_anon_kib",
+    "RssFile:": "rss_file_kib",
+}
+
+
+def memory_kib(status: Path = Path("/proc/self/status")) -> dict[str, int]:
+    """Resident memory from /proc/<pid>/status.
+
+    ``"VmRSS:\\t  51234 kB"`` -> ``{"rss_kib": 51234, ...}``; also ``hwm_kib`` (peak),
+    ``rss_anon_kib`` (heap, the agent's own data) and ``rss_file_kib`` (mapped files: mostly
+    libbcc's LLVM, shared with every other bcc process).
+    """
+    out = dict.fromkeys(STATUS_FIELDS.values(), 0)
+    for line in status.read_text().splitlines():
+        name = STATUS_FIELDS.get(line.split(None, 1)[0] if line else "")
+        if name is not None:
+            out[name] = int(line.split()[1])
+    return out
+
+
+def sample_record(sample: SocketSample) -> dict[str, Any]:
+    return {
+        "socket_id": sample.socket_id,
+        "local": [sample.local.address, sample.local.port],
+        "remote": [sample.remote.address, sample.remote.port],
+        "role": sample.role.name.lower(),
+        "flags": int(sample.flags),
+        "sent": sample.sent_bytes,
+        "received": sample.received_bytes,
+        "pid": sample.pid,
+    }
+
+
+def backend_hooks(backend: str) -> tuple[Hook, ...]:
+    """The hooks ``open_tracer`` attached for ``backend`` (lifecycle first)."""
+    btf = Btf.from_path(Path("/sys/kernel/btf/vmlinux"))
+    return plan_backend(backend, btf, release=os.uname().release).hooks
+
+
+class ProbedAgent:
+    """Tracer + accountant + optional poller thread, with per-poll CPU accounting."""
+
+    def __init__(self, tracer: KernelTracer, accountant: Accountant, interval: float) -> None:
+        self.tracer = tracer
+        self.accountant = accountant
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.attached = threading.Event()
+        self.attached.set()
+        self.hooks = backend_hooks(tracer.backend)
+        self.watched: set[int] | None = set()  # None: every socket
+        self.ledger: dict[int, SocketSample] = {}
+        self.poller_cpu: list[float] = []
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start_poller(self) -> None:
+        if self.interval > 0:
+            self.thread = threading.Thread(target=self._poll_forever, daemon=True)
+            self.thread.start()
+
+    def _poll_forever(self) -> None:
+        while not self.stop.wait(self.interval):
+            if not self.attached.is_set():
+                continue
+            result = self.poll()
+            self.poller_cpu.append(result["poll_cpu_s"] + result["apply_cpu_s"])
+
+    def _record(self, poll: KernelPoll) -> None:
+        watched, ledger = self.watched, self.ledger
+        if watched is None:
+            for sample in (*poll.live, *poll.finished):
+                ledger[sample.socket_id] = sample
+            return
+        if not watched:
+            return
+        for sample in (*poll.live, *poll.finished):
+            if sample.local.port in watched or sample.remote.port in watched:
+                ledger[sample.socket_id] = sample
+
+    def poll(self, profile: int = 0) -> dict[str, Any]:
+        with self.lock:
+            profiler = cProfile.Profile() if profile else None
+            wall = time.perf_counter()
+            if profiler:
+                profiler.enable()
+            cpu0 = time.thread_time()
+            result = self.tracer.poll()
+            cpu1 = time.thread_time()
+            self.accountant.apply(result)
+            cpu2 = time.thread_time()
+            if profiler:
+                profiler.disable()
+            wall = time.perf_counter() - wall
+            self._record(result)
+        answer: dict[str, Any] = {
+            "poll_cpu_s": cpu1 - cpu0,
+            "apply_cpu_s": cpu2 - cpu1,
+            "wall_s": wall,
+            "live": len(result.live),
+            "finished": len(result.finished),
+            **memory_kib(),
+        }
+        if profiler:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(profile)
+            answer["profile"] = text.getvalue()
+        return answer
+
+    def report(self, ports: set[int]) -> dict[str, Any]:
+        """Ledger sockets on ``ports`` (forgotten once reported) and the accountant's totals
+        for services ``127.0.0.1:<port>``."""
+        with self.lock:
+            reported = [
+                s for s in self.ledger.values() if s.local.port in ports or s.remote.port in ports
+            ]
+            for sample in reported:
+                del self.ledger[sample.socket_id]
+            sockets = [sample_record(s) for s in reported]
+            services: dict[str, dict[str, dict[str, int]]] = {}
+            for family in self.accountant.families():
+                if SERVICE_LABEL not in family.label_names:
+                    continue
+                at = family.label_names.index(SERVICE_LABEL)
+                by_reporter = family.label_names.index("reporter")
+                for labels, value in family.samples.items():
+                    port = labels[at].rsplit(":", 1)[-1]
+                    if not port.isdigit() or int(port) not in ports:
+                        continue
+                    metric = services.setdefault(labels[at], {}).setdefault(family.name, {})
+                    reporter = labels[by_reporter]
+                    metric[reporter] = metric.get(reporter, 0) + value
+            stats = self.accountant.stats()
+        return {
+            "sockets": sockets,
+            "services": services,
+            "unattributed": [stats.unattributed_sent_bytes, stats.unattributed_received_bytes],
+        }
+
+    def detach(self) -> None:
+        """Detach every hook; the BPF programs and maps stay loaded.
+
+        Uses the tracer's bcc object (tcpacct's tracer has no public detach: it only ever
+        detaches everything at close).
+        """
+        bpf = self.tracer._bpf
+        with self.lock:
+            if not self.attached.is_set():
+                return
+            for hook in reversed(self.hooks):
+                if hook.kind != "raw_tracepoint":
+                    raise RuntimeError(f"cannot toggle {hook.kind} hooks")
+                bpf.detach_raw_tracepoint(tp=hook.target)
+            self.attached.clear()
+
+    def attach(self) -> None:
+        bpf = self.tracer._bpf
+        with self.lock:
+            if self.attached.is_set():
+                return
+            for hook in self.hooks:
+                bpf.attach_raw_tracepoint(tp=hook.target, fn_name=hook.function)
+            self.attached.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        self.tracer.close()
+
+
+def _answer(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def serve(agent: ProbedAgent) -> None:
+    for line in sys.stdin:
+        command = json.loads(line)
+        name = command.get("cmd")
+        if name == "watch":
+            with agent.lock:
+                if command["ports"] == "all":
+                    agent.watched = None
+                elif agent.watched is not None:
+                    agent.watched |= set(command["ports"])
+            _answer({"ok": True})
+        elif name == "poll":
+            _answer(agent.poll(profile=int(command.get("profile", 0))))
+        elif name == "settle":
+            for _ in range(int(command.get("polls", 5))):
+                agent.poll()
+            _answer({"ok": True})
+        elif name == "report":
+            _answer(agent.report(set(command["ports"])))
+        elif name == "stats":
+            _answer({"poller_cpu_s": agent.poller_cpu, **memory_kib()})
+        elif name == "detach":
+            agent.detach()
+            _answer({"ok": True})
+        elif name == "attach":
+            agent.attach()
+            _answer({"ok": True})
+        elif name == "quit":
+            break
+        else:
+            _answer({"error": f"unknown command {name!r}"})
+    agent.close()
+    _answer({"ok": True})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.probe")
+    parser.add_argument("--backend", default="tracepoint")
+    parser.add_argument("--sockets", type=int, default=65536)
+    parser.add_argument("--closed", type=int, default=65536)
+    parser.add_argument("--interval", type=float, default=1.0, help="0: no poller thread")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    start = time.perf_counter()
+    tracer = open_tracer(
+        args.backend,
+        capacities=Capacities(sockets=args.sockets, closed=args.closed),
+        listeners=listening_sockets,
+    )
+    attach_s = time.perf_counter() - start
+    tracer.poll()  # what was in the closed map before us is not ours to count
+    accountant = Accountant(load_catalogue([]), LocalEnricher(ProcessNames().name))
+    agent = ProbedAgent(tracer, accountant, args.interval)
+    agent.start_poller()
+    _answer({"ready": True, "backend": tracer.backend, "attach_s": attach_s, **memory_kib()})
+    serve(agent)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""Writes bench/results.json (one stable key per figure) and bench/results.md (tables).
+
+``results.json``::
+
+    {"machine": {"nproc": 2, "memory_mib": 24105, "kernel": "6.18.44", ...},
+     "date": "2026-05-10T12:00:00+00:00",
+     "figures": {"datapath.send_recv_ns_per_call.tracepoint":
+                    {"title": ..., "unit": "ns", "on": {"median": ..., "min": ..., ...},
+                     "off": {...}, "added": {...}, "target": {"met": false, ...}, ...}},
+     "omitted": {"k8s.cache_rss_mib": "why it is not here"}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.figures import Figure, Omitted
+from bench.stats import Spread
+
+GROUP_TITLES = {
+    "datapath": "1. Data path: agent on vs off",
+    "accuracy": "2. Accuracy: counted bytes vs bytes moved vs tcp_info",
+    "cost": "3. Agent cost",
+    "peer": "4. The peer: bcc's tcplife",
+    "k8s": "5. Kubernetes cache",
+}
+
+
+def number(value: float) -> str:
+    """Three significant digits, no exponent for everyday sizes.
+
+    ``1234.5`` -> ``"1234"``; ``0.98765`` -> ``"0.988"``; ``12.345`` -> ``"12.3"``;
+    ``nan`` -> ``"n/a"``.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    magnitude = abs(value)
+    if magnitude >= 100 or value == int(value):
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def _range(spread: Spread | None) -> str:
+    if spread is None:
+        return ""
+    return f"{number(spread.min)} to {number(spread.max)}"
+
+
+def _status(figure: Figure) -> str:
+    verdict = figure.verdict()
+    if verdict is None or figure.target is None:
+        return ""
+    met, by = verdict
+    if met:
+        return "met"
+    judged = figure.judged()
+    assert judged is not None
+    unit = "" if figure.target.of == "ratio" else f" {figure.unit}"
+    relative = ""
+    if figure.target.bound and figure.target.op == "<=":
+        relative = f", {judged.median / figure.target.bound:.2f}x the bound"
+    return f"**missed by {number(by)}{unit}**{relative}"
+
+
+def results_document(
+    figures: Sequence[Figure], omitted: Sequence[Omitted], machine: dict[str, Any], date: str
+) -> dict[str, Any]:
+    """The results.json document (keys sorted by the writer, so diffs stay small)."""
+    keys = [f.key for f in figures]
+    duplicates = {k for k in keys if keys.count(k) > 1}
+    if duplicates:
+        raise ValueError(f"figure keys used twice: {sorted(duplicates)}")
+    return {
+        "machine": machine,
+        "date": date,
+        "figures": {f.key: f.as_dict() for f in figures},
+        "omitted": {o.key: {"title": o.title, "reason": o.reason} for o in omitted},
+    }
+
+
+def _comparison_table(figures: Iterable[Figure]) -> list[str]:
+    lines = [
+        "| figure | unit | agent off | agent on | on/off | added | per-round on/off | "
+        "target | status |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for f in figures:
+        lines.append(
+            f"| {f.title} (`{f.key}`) | {f.unit} | {number(f.off.median) if f.off else ''} | "
+            f"{number(f.on.median) if f.on else ''} | "
+            f"{number(f.ratio.median) if f.ratio else ''} | "
+            f"{number(f.added.median) if f.added else ''} | "
+            f"{_range(f.ratio)} | {f.target.text if f.target else ''} | {_status(f)} |"
+        )
+    return lines
+
+
+def _value_table(figures: Iterable[Figure]) -> list[str]:
+    lines = [
+        "| figure | unit | median | min to max | rounds | target | status |",
+        "|---|---|---:|---|---:|---|---|",
+    ]
+    for f in figures:
+        v = f.value
+        assert v is not None
+        lines.append(
+            f"| {f.title} (`{f.key}`) | {f.unit} | {number(v.median)} | {_range(v)} | "
+            f"{len(v.rounds)} | {f.target.text if f.target else ''} | {_status(f)} |"
+        )
+    return lines
+
+
+def results_markdown(
+    figures: Sequence[Figure],
+    omitted: Sequence[Omitted],
+    machine: dict[str, Any],
+    date: str,
+    preamble: str = "",
+) -> str:
+    out = ["# tcpacct benchmark results", ""]
+    out.append(
+        f"Run {date} on {machine.get('nproc')} CPUs ({machine.get('cpu_model', '?')}), "
+        f"{machine.get('memory_mib')} MiB, kernel {machine.get('kernel')}, "
+        f"Python {machine.get('python')}, bcc {machine.get('bcc')}. "
+        "Written by `make bench` (bench/run.py); every figure's rounds are in results.json."
+    )
+    out.append("")
+    if preamble:
+        out += [preamble.rstrip(), ""]
+    missed = [f for f in figures if (v := f.verdict()) is not None and not v[0]]
+    targeted = [f for f in figures if f.target is not None]
+    out.append("## Targets at a glance")
+    out.append("")
+    out.append(f"{len(targeted) - len(missed)} of {len(targeted)} targets met.")
+    out.append("")
+    if targeted:
+        out += ["| target | figure | where we are | status |", "|---|---|---:|---|"]
+        for f in targeted:
+            judged = f.judged()
+            assert f.target is not None
+            where = number(judged.median) if judged else "n/a"
+            out.append(f"| {f.target.text} | `{f.key}` | {where} | {_status(f) or 'n/a'} |")
+        out.append("")
+    for group, title in GROUP_TITLES.items():
+        members = [f for f in figures if f.group == group]
+        gone = [o for o in omitted if o.key.split(".", 1)[0] == group]
+        if not members and not gone:
+            continue
+        out += [f"## {title}", ""]
+        compared = [f for f in members if f.on is not None or f.ratio is not None]
+        valued = [f for f in members if f.value is not None and f not in compared]
+        if compared:
+            out += [*_comparison_table(compared), ""]
+        if valued:
+            out += [*_value_table(valued), ""]
+        for f in members:
+            out.append(f"- **{f.title}** — {f.method}" + (f" *{f.note}*" if f.note else ""))
+        for o in gone:
+            out.append(f"- **{o.title}** (`{o.key}`) — not measured in this run: {o.reason}")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_results(
+    directory: Path,
+    figures: Sequence[Figure],
+    omitted: Sequence[Omitted],
+    machine: dict[str, Any],
+    date: str,
+    preamble: str = "",
+) -> tuple[Path, Path]:
+    """Write results.json and results.md into ``directory``; returns their paths."""
+    document = results_document(figures, omitted, machine, date)
+    json_path = directory / "results.json"
+    md_path = directory / "results.md"
+    json_path.write_text(json.dumps(document, indent=2, sort_keys=True, allow_nan=True) + "\n")
+    md_path.write_text(results_markdown(figures, omitted, machine, date, preamble))
+    return json_path, md_path

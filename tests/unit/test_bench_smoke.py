@@ -1,0 +1,144 @@
+"""The benchmark's results writer and comparisons, from fake measurements (no timing)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.accuracy import compare, exact_fraction, sums
+from bench.figures import Figure, Omitted, Target
+from bench.iperf import parse_report
+from bench.reporting import number, write_results
+from bench.stats import paired_difference, paired_ratio, summarise
+from bench.tcplife import lost_samples, parse_rows
+from bench.workloads import Moved
+
+MACHINE = {"nproc": 2, "memory_mib": 1024, "kernel": "6.18.0", "python": "3.11", "bcc": "0.26"}
+
+
+def test_summary_and_pairs() -> None:
+    spread = summarise([4.0, 1.0, 3.0, 2.0])
+    assert (spread.median, spread.min, spread.max, spread.q1, spread.q3) == (
+        2.5, 1.0, 4.0, 1.75, 3.25,
+    )  # fmt: skip
+    assert paired_ratio([110.0, 90.0], [100.0, 100.0]).rounds == (1.1, 0.9)
+    assert paired_difference([180.0, 175.0], [60.0, 58.0]).rounds == (120.0, 117.0)
+
+
+def test_target_verdicts() -> None:
+    assert Target("added", "<=", 120).verdict(165.0) == (False, 45.0)
+    assert Target("ratio", ">=", 0.95).verdict(0.97) == (True, 0.0)
+    assert Target("ratio", ">=", 0.95).verdict(0.90)[0] is False
+
+
+def test_writer_produces_documented_keys(tmp_path) -> None:
+    figures = [
+        Figure(
+            key="datapath.send_recv_ns_per_call.tracepoint",
+            title="send/recv",
+            unit="ns",
+            method="fake",
+            on=summarise([300.0, 310.0]),
+            off=summarise([100.0, 110.0]),
+            ratio=paired_ratio([300.0, 310.0], [100.0, 110.0]),
+            added=paired_difference([300.0, 310.0], [100.0, 110.0]),
+            target=Target("added", "<=", 120, "<= 120 ns"),
+        ),
+        Figure(
+            key="cost.ready_s",
+            title="ready",
+            unit="s",
+            method="fake",
+            value=summarise([0.5, 0.7, 0.6]),
+            target=Target("value", "<=", 1.0, "<= 1 s"),
+        ),
+    ]
+    omitted = [Omitted("k8s.cache", "Kubernetes cache", "not usable")]
+    json_path, md_path = write_results(
+        tmp_path, figures, omitted, MACHINE, "2026-01-01T00:00:00+00:00"
+    )
+    document = json.loads(json_path.read_text())
+    assert set(document) == {"machine", "date", "figures", "omitted"}
+    assert document["machine"] == MACHINE
+    send_recv = document["figures"]["datapath.send_recv_ns_per_call.tracepoint"]
+    assert set(send_recv) == {
+        "title", "unit", "on", "off", "ratio", "added", "target", "method",
+    }  # fmt: skip
+    assert send_recv["added"]["median"] == 200.0
+    assert send_recv["target"] == {
+        "of": "added", "op": "<=", "bound": 120, "text": "<= 120 ns", "met": False,
+        "missed_by": 80.0,
+    }  # fmt: skip
+    assert document["figures"]["cost.ready_s"]["value"]["rounds"] == [0.5, 0.7, 0.6]
+    assert document["figures"]["cost.ready_s"]["target"]["met"] is True
+    assert document["omitted"] == {
+        "k8s.cache": {"title": "Kubernetes cache", "reason": "not usable"}
+    }
+    text = md_path.read_text()
+    assert "1 of 2 targets met." in text
+    assert "**missed by 80 ns**, 1.67x the bound" in text
+    assert "not measured in this run: not usable" in text
+
+
+def test_number_formatting() -> None:
+    assert [number(1234.5), number(0.98765), number(12.345), number(float("nan"))] == [
+        "1234", "0.988", "12.3", "n/a",
+    ]  # fmt: skip
+
+
+def _socket(role: str, local: int, remote: int, sent: int, received: int) -> dict:
+    return {
+        "role": role,
+        "local": ["127.0.0.1", local],
+        "remote": ["127.0.0.1", remote],
+        "sent": sent,
+        "received": received,
+    }
+
+
+def test_accuracy_compare_exact_and_off_by_one() -> None:
+    moved = Moved(
+        "rr", 80, 1.0, 10, client_sent=640, client_received=640, server_sent=640,
+        server_received=640,
+        tcp_info={"client_acked": 641, "client_received": 640},
+        sequence_octets={"client_acked": 1},
+    )  # fmt: skip
+    sockets = [_socket("client", 5000, 80, 640, 640), _socket("server", 80, 5000, 640, 640)]
+    service = {
+        "istio_tcp_received_bytes_total": {"source": 640, "destination": 640},
+        "istio_tcp_sent_bytes_total": {"source": 640, "destination": 640},
+        "istio_tcp_connections_opened_total": {"source": 1, "destination": 1},
+        "istio_tcp_connections_closed_total": {"source": 1, "destination": 1},
+    }
+    report = {"sockets": sockets, "services": {"127.0.0.1:80": service}}
+    checks = compare(moved, report)
+    assert all(c["exact"] for c in checks), [c for c in checks if not c["exact"]]
+    sockets[1] = _socket("server", 80, 5000, 640, 639)
+    wrong = [c["check"] for c in compare(moved, report) if not c["exact"]]
+    assert wrong == [
+        "tracer server_received = bytes moved",
+        "accountant received{destination} = server reads",
+    ]
+    assert exact_fraction([checks, compare(moved, report)]) == 0.5
+    assert sums(sockets, 80, data_client_port=5001)["client_sockets"] == 0
+
+
+def test_iperf_report_adds_the_cookie() -> None:
+    report = {
+        "start": {"connected": [{"local_port": 5000}]},
+        "end": {"sum_sent": {"bytes": 10}, "sum_received": {"bytes": 8, "seconds": 1.0}},
+    }
+    moved = parse_report(report, 9000, 1.0)
+    assert (moved.client_sent, moved.server_received, moved.data_client_port) == (47, 45, 5000)
+
+
+def test_tcplife_rows_and_lost_samples() -> None:
+    text = (
+        "PID,COMM,IP,LADDR,LPORT,RADDR,RPORT,TX_KB,RX_KB,MS\n"
+        "7,nc,4,127.0.0.1,80,127.0.0.1,5000,2,0,0.10\n"
+        "garbage\n"
+    )
+    rows = parse_rows(text)
+    assert [(r.pid, r.local_port, r.remote_port, r.tx_kb, r.rx_kb) for r in rows] == [
+        (7, 80, 5000, 2, 0)
+    ]
+    assert lost_samples("Possibly lost 12 samples\nPossibly lost 3 samples\n") == 15
