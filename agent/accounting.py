@@ -427,5 +427,12 @@ class Accountant:
         return self._published_stats
 
 
-def _fingerprint(definition: MetricDefinition) -> tuple[object, ...]:
+def _fingerprint(definition: MetricDefinition) -> object:
+    """What makes two definitions count the same series: everything but where it was written
+    (a definition that offers ``describe()`` includes its expressions and reporters)."""
+    describe = getattr(definition, "describe", None)
+    if describe is not None:
+        described = dict(describe())
+        described.pop("origin", None)
+        return repr(sorted(described.items()))
     return (definition.name, definition.value, definition.label_names, definition.help)

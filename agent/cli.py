@@ -413,7 +413,13 @@ def config_validate(files: tuple[Path, ...]) -> None:
         click.echo(str(problem), err=True)
     if problems:
         sys.exit(1)
-    click.echo(f"ok: {len(files)} file(s) valid")
+    from agent.metrics.catalogue import load_catalogue
+
+    catalogue = load_catalogue(list(files))
+    for warning in catalogue.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    names = ", ".join(d.name for d in catalogue.definitions())
+    click.echo(f"ok: {len(files)} file(s) valid; metrics: {names}")
 
 
 @config.command("show")

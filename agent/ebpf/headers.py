@@ -91,7 +91,7 @@ def choose_headers(
     if (running / "build" / KCONFIG).is_file() or (running / "source" / KCONFIG).is_file():
         return HeadersChoice(f"headers of the running kernel {release}", running / "build")
     if kheaders.is_file():
-        return HeadersChoice("the kernel's own /sys/kernel/kheaders.tar.xz", kheaders)
+        return HeadersChoice(f"the kernel's own {kheaders}", kheaders)
     candidates = sorted(
         (
             p

@@ -236,7 +236,13 @@ def test_invalid_metric_config_exits_2_before_loading_bpf(monkeypatch, tmp_path,
                                   "tcp-metrics-crd.yaml"])
 def test_config_validate_accepts_a_fixture_file(name: str) -> None:
     result = invoke(["config", "validate", str(FIXTURES / name)])
-    assert (result.exit_code, result.output) == (0, "ok: 1 file(s) valid\n")
+    assert (result.exit_code, result.output) == (
+        0,
+        "ok: 1 file(s) valid; metrics: istio_tcp_sent_bytes_total, "
+        "istio_tcp_received_bytes_total, istio_tcp_connections_opened_total, "
+        "istio_tcp_connections_closed_total, istio_mongo_sent_bytes, "
+        "istio_mongo_received_bytes\n",
+    )
 
 
 def test_config_validate_refuses_a_bad_file(tmp_path: Path) -> None:
