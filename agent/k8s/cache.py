@@ -144,11 +144,16 @@ class KubernetesCache:
             watcher.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stops every watcher (each wakes at once: streams are shut, waits interrupted)."""
+        """Stops every watcher and waits at most ``timeout`` seconds in all.
+
+        Watchers wake at once (open streams are shut, backoff waits interrupted); one stuck
+        in a request to an unresponsive server is left behind (a daemon thread).
+        """
+        deadline = time.monotonic() + timeout
         for watcher in self._watchers:
-            watcher._stopping.set()
+            watcher.stop(0)
         for watcher in self._watchers:
-            watcher.stop(timeout)
+            watcher.join(max(0.0, deadline - time.monotonic()))
 
     def synced(self) -> bool:
         """Every kind has been listed at least once (lookups reflect the cluster)."""

@@ -114,8 +114,17 @@ class ResourceWatcher:
             response = self._response
         if response is not None:
             _shutdown(response)
-        if self._thread.is_alive():
+        self.join(timeout)
+
+    def join(self, timeout: float) -> bool:
+        """Waits for the loop to end; ``True`` if it has."""
+        if self._thread.is_alive() and timeout > 0:
             self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def _run(self) -> None:
         failures = 0

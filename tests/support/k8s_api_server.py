@@ -485,8 +485,6 @@ class KubernetesApiServer:
             for event in pending:
                 write_line({"type": event.type, "object": event.object})
                 position = event.resource_version
-            if ended:
-                return
             if bookmarks and (forced_bookmark or time.monotonic() >= next_bookmark):
                 position = max(position, current)
                 write_line(
@@ -500,6 +498,8 @@ class KubernetesApiServer:
                     }
                 )
                 next_bookmark = time.monotonic() + self.bookmark_interval
+            if ended:
+                return
 
 
 def _now_rfc3339() -> str:

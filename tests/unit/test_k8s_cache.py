@@ -237,4 +237,4 @@ def test_stop_ends_every_watcher_thread(server, tmp_path) -> None:
     assert cache.wait_synced(10)
     wait_until(lambda: server.open_watches() == 5)
     cache.stop()
-    assert [w._thread.is_alive() for w in cache._watchers] == [False] * 5
+    assert [w.running for w in cache._watchers] == [False] * 5
