@@ -14,6 +14,7 @@ kprobe     kprobe+kretprobe on the same functions            kprobes (CONFIG_KPR
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,20 @@ def plan_backend(
     raise BackendUnavailable(name, f"unknown backend (choose from {', '.join(BACKENDS)})")
 
 
+def _may_load_bpf(status: Path = Path("/proc/self/status")) -> bool:
+    """Root, or CAP_BPF (39) and CAP_PERFMON (38) in the effective set."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+                return bool(caps >> 39 & 1 and caps >> 38 & 1)
+    except OSError:
+        pass
+    return False
+
+
 def explain_load_error(backend: str, error: BaseException) -> str:
     """A bcc exception -> what is missing, in words a user can act on.
 
@@ -143,6 +158,11 @@ def explain_load_error(backend: str, error: BaseException) -> str:
     Permission denied"))`` -> ``"fentry/fexit programs were refused (EPERM) ..."``.
     """
     text = str(error)
+    if not _may_load_bpf():
+        return (
+            f"not allowed to load BPF ({text}): run as root, or grant CAP_BPF and "
+            "CAP_PERFMON (bcc cannot even create its maps without them)"
+        )
     if "Failed to compile" in text:
         return f"the BPF program did not compile ({text}); see the compiler messages above"
     refused = ("Permission denied", "Operation not permitted", "Need super-user")

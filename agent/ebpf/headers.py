@@ -74,7 +74,7 @@ def choose_headers(
     release: str | None = None,
     *,
     modules_root: Path = Path("/lib/modules"),
-    src_root: Path = Path("/usr/src"),
+    src_roots: tuple[Path, ...] = (Path("/usr/src"), Path("/opt/tcpacct/usr/src")),
     kheaders: Path = Path("/sys/kernel/kheaders.tar.xz"),
     cache_dir: Path = Path("/var/cache/tcpacct/kernel-headers"),
     environ: dict[str, str] | None = None,
@@ -92,15 +92,21 @@ def choose_headers(
         return HeadersChoice(f"headers of the running kernel {release}", running / "build")
     if kheaders.is_file():
         return HeadersChoice(f"the kernel's own {kheaders}", kheaders)
-    candidates = sorted(
-        (
-            p
-            for p in src_root.glob("linux-headers-*")
-            if (p / "include").is_dir() and not p.name.endswith("-common")
-        ),
-        key=_version_key,
-        reverse=True,
-    )
+    # The node's headers first (/usr/src, mounted from the host in the DaemonSet), then the
+    # image's own fallback copy (the Dockerfile keeps Debian's under /opt/tcpacct/usr/src).
+    candidates = [
+        build
+        for src_root in src_roots
+        for build in sorted(
+            (
+                p
+                for p in src_root.glob("linux-headers-*")
+                if (p / "include").is_dir() and not p.name.endswith("-common")
+            ),
+            key=_version_key,
+            reverse=True,
+        )
+    ]
     for build in candidates:
         trees = _split_pair(build, modules_root)
         if not any((tree / KCONFIG).is_file() for tree in trees):
@@ -113,7 +119,8 @@ def choose_headers(
         return HeadersChoice(f"{build.name} merged with its sources (layouts from BTF)", merged)
     raise HeadersError(
         f"no kernel headers for bcc: nothing at {running}/build, no {kheaders}, and no "
-        f"{src_root}/linux-headers-*; install them (Debian: apt-get install linux-headers-amd64)"
+        f"linux-headers-* in {', '.join(map(str, src_roots))}; install them "
+        "(Debian: apt-get install linux-headers-amd64)"
     )
 
 

@@ -46,7 +46,8 @@ def roots(tmp_path: Path) -> dict[str, Path]:
 
 
 def choose(roots: dict[str, Path], environ: dict[str, str] | None = None) -> HeadersChoice:
-    return choose_headers(RELEASE, environ=environ or {}, **roots)
+    given = {k: v for k, v in roots.items() if k != "src_root"}
+    return choose_headers(RELEASE, environ=environ or {}, src_roots=(roots["src_root"],), **given)
 
 
 def debian_pair(src_root: Path, version: str) -> tuple[Path, Path]:
@@ -74,10 +75,22 @@ def debian_pair(src_root: Path, version: str) -> tuple[Path, Path]:
 
 
 def test_overlay_merges_common_directories_and_links_the_rest(tmp_path: Path) -> None:
-    first = tree(tmp_path / "a", "Makefile", "include/generated/autoconf.h",
-                 "include/linux/version.h", "arch/x86/include/generated/asm/x.h", "only_a")
-    second = tree(tmp_path / "b", "Makefile", "include/linux/kconfig.h", "include/uapi/u.h",
-                  "arch/x86/include/asm/ptrace.h", "only_b/file")
+    first = tree(
+        tmp_path / "a",
+        "Makefile",
+        "include/generated/autoconf.h",
+        "include/linux/version.h",
+        "arch/x86/include/generated/asm/x.h",
+        "only_a",
+    )
+    second = tree(
+        tmp_path / "b",
+        "Makefile",
+        "include/linux/kconfig.h",
+        "include/uapi/u.h",
+        "arch/x86/include/asm/ptrace.h",
+        "only_b/file",
+    )
     merged = tmp_path / "merged"
     overlay(merged, [first, second])
 
@@ -227,7 +240,7 @@ def test_no_headers_anywhere_says_what_to_install(roots) -> None:
     running = roots["modules_root"] / RELEASE
     assert str(caught.value) == (
         f"no kernel headers for bcc: nothing at {running}/build, no {roots['kheaders']}, and no "
-        f"{roots['src_root']}/linux-headers-*; install them (Debian: apt-get install "
+        f"linux-headers-* in {roots['src_root']}; install them (Debian: apt-get install "
         "linux-headers-amd64)"
     )
 
@@ -257,3 +270,23 @@ def test_apply_leaves_bcc_alone_for_the_running_kernel_and_kheaders(roots) -> No
     apply_headers(HeadersChoice("the kernel's own kheaders", touch(roots["kheaders"])), environ)
     assert environ == {}
     assert build.is_dir()
+
+
+def test_image_fallback_headers_are_used_after_the_nodes(tmp_path: Path) -> None:
+    """The DaemonSet mounts the node's /usr/src; the image keeps Debian's headers under
+    /opt/tcpacct/usr/src as the fallback."""
+    node, image = tmp_path / "usr/src", tmp_path / "opt/tcpacct/usr/src"
+    node.mkdir(parents=True)
+    debian_pair(image, "6.1.0-56")
+    modules = tmp_path / "lib/modules"
+    modules.mkdir(parents=True)
+    choice = choose_headers(
+        RELEASE,
+        environ={},
+        modules_root=modules,
+        src_roots=(node, image),
+        kheaders=tmp_path / "none",
+        cache_dir=tmp_path / "cache",
+    )
+    assert choice.path == tmp_path / "cache" / "linux-headers-6.1.0-56-amd64"
+    assert (choice.path / "include/linux/kconfig.h").is_file()
