@@ -23,8 +23,10 @@ AMBIGUOUS = ""
 class NetnsResolver:
     """``pod_uid_of_netns(inode)`` -> the pod UID owning that namespace, or ``None``.
 
-    The node's own namespace (that of pid 1 under ``proc_root``) never maps to a pod: it is
-    shared by every host-network pod and by the node's processes.
+    The node's own namespace never maps to a pod: it is shared by every host-network pod and
+    by the node's processes. It is ``host_netns`` if given, else that of pid 1 under
+    ``proc_root``, else (pid 1 unreadable, as under some lockdowns) this process's own — the
+    agent runs in the node's network namespace.
     """
 
     def __init__(
@@ -34,8 +36,10 @@ class NetnsResolver:
         cgroups: CgroupResolver | None = None,
         rescan_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        host_netns: int | None = None,
     ) -> None:
         self.proc_root = Path(proc_root)
+        self._host_netns = host_netns
         self.cgroups = cgroups or CgroupResolver(proc_root)
         self.rescan_interval = rescan_interval
         self._clock = clock
@@ -45,7 +49,9 @@ class NetnsResolver:
         self.scans = 0
 
     def host_netns(self) -> int | None:
-        return self._inode_of(1)
+        if self._host_netns is None:
+            self._host_netns = self._inode_of(1) or _own_netns()
+        return self._host_netns
 
     def pod_uid_of_netns(self, inode: int) -> str | None:
         if inode <= 0:
@@ -63,7 +69,7 @@ class NetnsResolver:
     def _scan(self) -> None:
         self._last_scan = self._clock()
         self.scans += 1
-        host = self._inode_of(1)
+        host = self.host_netns()
         found: dict[int, str] = {}
         try:
             entries = os.listdir(self.proc_root)
@@ -93,6 +99,8 @@ class NetnsResolver:
         try:
             target = os.readlink(path)
         except OSError:
+            if path.is_symlink():
+                return None  # the kernel's link, not ours to read (gone, or not permitted)
             try:
                 target = path.read_text().strip()
             except (OSError, UnicodeDecodeError):
@@ -102,4 +110,11 @@ class NetnsResolver:
                 return int(target[5:-1])
             except ValueError:
                 return None
+        return None
+
+
+def _own_netns() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
         return None

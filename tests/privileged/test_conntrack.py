@@ -1,4 +1,5 @@
-"""Conntrack NAT lookups against real kube-proxy-style DNAT (network namespaces, nftables).
+"""Resolvers against real kernel state: conntrack NAT lookups behind kube-proxy-style DNAT
+(network namespaces, nftables), and network namespace / cgroup -> pod on real processes.
 
 Three "pods" on the node's bridge: a client and two backends of a ClusterIP that the node
 DNATs in turn (first connection -> backend 0, second -> backend 1). The backends report which
@@ -139,3 +140,33 @@ def test_direct_connection_is_tracked_without_translation(lab: NetLab, family: s
         assert nat.original_tuple(source, destination) == (source, destination)
     finally:
         nat.close()
+
+
+# -- namespace and cgroup -> pod, on real processes ---------------------------------------------
+
+POD_UID = "5f0c7a4e-1b2d-4c3e-8f9a-0123456789ab"
+CONTAINER_ID = "c0ffee" + "0" * 58
+SLEEPER = "import sys; print('ready', flush=True); sys.stdin.read()"
+
+
+def test_pod_found_by_namespace_and_by_cgroup(lab: NetLab, family: str) -> None:
+    from agent.resolve import CgroupResolver, ContainerRef, NetnsResolver
+
+    pod, _, _ = lab.pods
+    in_pod = pod.spawn([sys.executable, "-c", SLEEPER])
+    on_node = lab.spawn_on_node([sys.executable, "-c", SLEEPER])  # a host-network "pod"
+    cgroup = lab.pod_cgroup(POD_UID, CONTAINER_ID)
+    cgroup.add(in_pod.pid)
+    assert read(in_pod, lab) == "ready"
+    assert read(on_node, lab) == "ready"
+    cgroups = CgroupResolver("/proc")
+    assert cgroups.container_of(in_pod.pid) == ContainerRef(POD_UID, CONTAINER_ID)
+    assert cgroups.container_of(on_node.pid) is None
+    netns = NetnsResolver("/proc", cgroups=cgroups, rescan_interval=0.0)
+    assert netns.pod_uid_of_netns(pod.netns_inode) == POD_UID
+    node = os.stat("/proc/self/ns/net").st_ino
+    assert netns.host_netns() == node
+    assert netns.pod_uid_of_netns(node) is None
+    cgroup.add(on_node.pid)
+    assert cgroups.pod_uid_of_pid(on_node.pid) == POD_UID  # found by cgroup on the node
+    assert netns.pod_uid_of_netns(node) is None  # the node's namespace is never a pod's

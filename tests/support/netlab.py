@@ -295,6 +295,14 @@ class NetLab:
         lines.append(
             "  chain tracking { type filter hook prerouting priority -150; ct state new accept; }"
         )
+        # ... but not loopback: other tests' localhost connections must not fill the
+        # node's conntrack table (entries of connections that close after the lab is gone
+        # would stay ESTABLISHED for days).
+        for hook, match in (("prerouting", "iif"), ("output", "oif")):
+            lines.append(
+                f'  chain untracked_{hook} {{ type filter hook {hook} priority raw; '
+                f'{match} "lo" notrack; }}'
+            )
         lines.append("}")
         if self._made_table:
             run(["nft", "delete", "table", "inet", self.table])
