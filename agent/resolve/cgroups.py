@@ -15,6 +15,9 @@ Guaranteed pods have no QoS level in the path (``kubepods/pod<uid>``,
 from __future__ import annotations
 
 import re
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,20 +84,47 @@ def parse_cgroup_file(text: str) -> ContainerRef | None:
 
 
 class CgroupResolver:
-    """pid -> :class:`ContainerRef` by reading ``<proc_root>/<pid>/cgroup``."""
+    """pid -> :class:`ContainerRef` by reading ``<proc_root>/<pid>/cgroup``.
 
-    def __init__(self, proc_root: str | Path = "/proc") -> None:
+    Answers are remembered for ``cache_seconds`` (a busy host-network process is asked
+    about for every new socket); a PID reused by another container within that time would
+    be misnamed, which is why the time is short.
+    """
+
+    def __init__(
+        self,
+        proc_root: str | Path = "/proc",
+        *,
+        cache_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_cached: int = 65536,
+    ) -> None:
         self.proc_root = Path(proc_root)
+        self.cache_seconds = cache_seconds
+        self._clock = clock
+        self._max_cached = max_cached
+        self._cache: dict[int, tuple[float, ContainerRef | None]] = {}
+        self._lock = threading.Lock()
 
     def container_of(self, pid: int) -> ContainerRef | None:
         """``None`` when the process is in no pod, is gone, or cannot be read."""
         if pid <= 0:
             return None
+        now = self._clock()
+        with self._lock:
+            cached = self._cache.get(pid)
+        if cached is not None and now - cached[0] < self.cache_seconds:
+            return cached[1]
         try:
             text = (self.proc_root / str(pid) / "cgroup").read_text()
         except (OSError, UnicodeDecodeError):
             return None
-        return parse_cgroup_file(text)
+        ref = parse_cgroup_file(text)
+        with self._lock:
+            if len(self._cache) >= self._max_cached:
+                self._cache.clear()
+            self._cache[pid] = (now, ref)
+        return ref
 
     def pod_uid_of_pid(self, pid: int) -> str | None:
         ref = self.container_of(pid)

@@ -54,8 +54,8 @@ class NetnsResolver:
         return self._host_netns
 
     def pod_uid_of_netns(self, inode: int) -> str | None:
-        if inode <= 0:
-            return None
+        if inode <= 0 or inode == self.host_netns():
+            return None  # the node's namespace: never one pod's, and not worth a scan
         with self._lock:
             uid = self._pods.get(inode)
             if uid is None and self._scan_due():

@@ -88,3 +88,14 @@ def test_resolver_reads_the_proc_tree(tmp_path: Path) -> None:
     assert resolver.container_of(42) == ContainerRef(UID, CID)
     assert resolver.pod_uid_of_pid(42) == UID
     assert [resolver.pod_uid_of_pid(pid) for pid in (43, 44, 45, 46, 0, -1)] == [None] * 6
+
+
+def test_answers_are_remembered_briefly(tmp_path: Path) -> None:
+    now = [0.0]
+    write_process(tmp_path, 42, f"0::/kubepods/pod{UID}/{CID}\n")
+    resolver = CgroupResolver(tmp_path, cache_seconds=2.0, clock=lambda: now[0])
+    assert resolver.pod_uid_of_pid(42) == UID
+    (tmp_path / "42" / "cgroup").write_text("0::/system.slice/other.service\n")  # PID reused
+    assert resolver.pod_uid_of_pid(42) == UID
+    now[0] = 2.0
+    assert resolver.pod_uid_of_pid(42) is None

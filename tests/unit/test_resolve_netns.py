@@ -77,3 +77,12 @@ def test_plain_file_ns_entries_and_missing_proc(tmp_path: Path) -> None:
     (tmp_path / "7" / "cgroup").write_text(f"0::/kubepods/pod{UID_A}\n")
     assert NetnsResolver(tmp_path, clock=Clock()).pod_uid_of_netns(POD_A_NS) == UID_A
     assert NetnsResolver(tmp_path / "absent", clock=Clock()).pod_uid_of_netns(POD_A_NS) is None
+
+
+def test_the_node_namespace_given_explicitly_is_never_scanned(tmp_path: Path) -> None:
+    tree(tmp_path)
+    (tmp_path / "1" / "ns" / "net").unlink()  # pid 1 unreadable, as under lockdown
+    resolver = NetnsResolver(tmp_path, clock=Clock(), host_netns=HOST)
+    assert resolver.pod_uid_of_netns(HOST) is None
+    assert resolver.scans == 0
+    assert resolver.pod_uid_of_netns(POD_A_NS) == UID_A
