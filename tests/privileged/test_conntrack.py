@@ -159,7 +159,7 @@ def test_pod_found_by_namespace_and_by_cgroup(lab: NetLab, family: str) -> None:
     cgroup.add(in_pod.pid)
     assert read(in_pod, lab) == "ready"
     assert read(on_node, lab) == "ready"
-    cgroups = CgroupResolver("/proc")
+    cgroups = CgroupResolver("/proc", cache_seconds=0.0)  # the test moves a process
     assert cgroups.container_of(in_pod.pid) == ContainerRef(POD_UID, CONTAINER_ID)
     assert cgroups.container_of(on_node.pid) is None
     netns = NetnsResolver("/proc", cgroups=cgroups, rescan_interval=0.0)
