@@ -22,7 +22,7 @@ test-privileged: setup
 	$(PY) -m pytest -q -m "privileged and not e2e" tests/privileged
 
 test-e2e: setup
-	$(PY) -m pytest -q tests/e2e
+	$(PY) -m pytest -q -rs tests/e2e
 
 # Debian bookworm's stock 6.1 kernel under qemu (fentry, kprobe, auto); see docs/vm.md.
 test-vm: setup

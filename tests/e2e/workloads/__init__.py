@@ -1,0 +1,1 @@
+"""Programs the e2e tests run inside the "pods" (network namespaces): stdlib only."""
