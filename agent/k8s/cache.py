@@ -59,7 +59,10 @@ class IpHolding:
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
-    """Self-metrics: objects per kind, watch activity and API errors per kind, misses."""
+    """Self-metrics: objects per kind, watch activity and API errors per kind, misses.
+
+    ``relists``: full lists after the first one (after 410 Gone), per kind.
+    """
 
     synced: bool
     objects: dict[str, int]
@@ -263,7 +266,7 @@ class KubernetesCache:
             synced=self.synced(),
             objects=objects,
             watch_restarts={w.kind.name: w.counters.watch_restarts for w in self._watchers},
-            relists={w.kind.name: w.counters.relists_after_gone for w in self._watchers},
+            relists={w.kind.name: max(0, w.counters.lists - 1) for w in self._watchers},
             api_errors={w.kind.name: w.counters.api_errors for w in self._watchers},
             lookup_misses=misses,
             deleted_pods_retained=retained,

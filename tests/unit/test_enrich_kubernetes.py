@@ -320,3 +320,60 @@ def test_ipv6_and_mapped_addresses(role: Role) -> None:
     attributes = enricher.attributes(socket, NO_PEERS, final=False)
     assert (attributes.source.workload, attributes.destination.workload) == ("web", "db")
     assert attributes.reporter is (Reporter.SOURCE if role is Role.CLIENT else Reporter.DESTINATION)
+
+
+def test_with_the_real_cache() -> None:
+    """KubernetesCache satisfies the enricher's PodDirectory (as the pipeline wires them)."""
+    from agent.k8s import KubernetesCache
+    from agent.k8s.records import decode_endpoint_slice, decode_owned, decode_pod, decode_service
+    from tests.support.k8s_api_server import endpoint_slice, pod, replica_set, service
+
+    cache = KubernetesCache(clock=lambda: 2_000_000_000.0)
+    web = decode_pod(pod("web-7f-x", "shop", "198.18.0.2", owner=("ReplicaSet", "web-7f"),
+                         uid="uid-web", labels={"app": "web"}))
+    db = decode_pod(pod("db-0", "shop", "198.18.0.3", owner=("StatefulSet", "db"), uid="uid-db"))
+    for kind, record in (
+        ("replicasets", decode_owned(replica_set("web-7f", "shop", "web"))),
+        ("pods", web),
+        ("pods", db),
+        ("services", decode_service(service("db", "shop", "198.19.0.10", [27017]))),
+        ("endpointslices", decode_endpoint_slice(
+            endpoint_slice("db-a", "shop", "db", ["198.18.0.3"], [27017]))),
+    ):
+        cache.upsert(kind, record)
+    nat = FakeNat([(("198.18.0.2", 40000), ("198.19.0.10", 27017), ("198.18.0.3", 27017),
+                    ("198.18.0.2", 40000))])
+
+    class Netns:
+        def pod_uid_of_netns(self, inode):
+            return {WEB_NS: "uid-web"}.get(inode)
+
+    enricher = KubernetesEnricher(cache, netns=Netns(), nat=nat, clock=lambda: 2_000_000_000.0)
+    client = sample(("198.18.0.2", 40000), ("198.19.0.10", 27017), Role.CLIENT, netns=WEB_NS)
+    attributes = enricher.attributes(client, NO_PEERS, final=True)
+    assert (attributes.source.workload, attributes.source.app) == ("web", "web")
+    assert (attributes.destination.workload, attributes.destination.pod_name) == ("db", "db-0")
+    assert attributes.service == DB_SERVICE
+    assert (attributes.destination.ip, attributes.destination.port) == ("198.18.0.3", 27017)
+
+
+def test_loopback_server_sockets_skip_the_conntrack_lookup() -> None:
+    """Nothing is DNAT-ed to loopback; busy nodes have many such sockets (sidecars, local
+    proxies), and each conntrack lookup costs milliseconds."""
+    asked: list[tuple[Endpoint, Endpoint]] = []
+
+    class CountingNat(FakeNat):
+        def original_tuple(self, client, server):
+            asked.append((client, server))
+            return super().original_tuple(client, server)
+
+    enricher, _ = make(nat=CountingNat())
+    loopback = sample(("127.0.0.1", 27017), ("127.0.0.1", 50000), Role.SERVER, netns=DB_NS)
+    attributes = enricher.attributes(loopback, NO_PEERS, final=False)
+    assert attributes.destination == at(DB0, "127.0.0.1", 27017)
+    assert asked == []
+    pod_address = sample(
+        ("198.18.0.3", 27017), ("198.18.0.2", 50000), Role.SERVER, netns=DB_NS, socket_id=2
+    )
+    enricher.attributes(pod_address, NO_PEERS, final=False)
+    assert asked == [(Endpoint("198.18.0.2", 50000), Endpoint("198.18.0.3", 27017))]
