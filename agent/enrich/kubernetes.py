@@ -242,7 +242,9 @@ class KubernetesEnricher:
     ) -> tuple[_End, ServiceIdentity]:
         client = sample.remote
         service = None
-        if self.nat is not None:
+        # kube-proxy DNATs to endpoints, never to a loopback address: a loopback server socket
+        # has no NAT mapping to find, and each conntrack lookup costs milliseconds.
+        if self.nat is not None and not _is_loopback(sample.local.address):
             original = self.nat.original_tuple(client, sample.local)
             if original is not None:
                 original_client, original_server = original
