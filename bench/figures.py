@@ -96,6 +96,37 @@ class Figure:
         return out
 
 
+def figure_from_dict(key: str, data: dict[str, Any]) -> Figure:
+    """Inverse of :meth:`Figure.as_dict` (to re-render results.md from results.json)."""
+
+    def spread(name: str) -> Spread | None:
+        part = data.get(name)
+        if part is None:
+            return None
+        return Spread(
+            part["median"], part["min"], part["max"], part["q1"], part["q3"],
+            tuple(part["rounds"]),
+        )  # fmt: skip
+
+    target = data.get("target")
+    return Figure(
+        key=key,
+        title=data["title"],
+        unit=data["unit"],
+        method=data["method"],
+        on=spread("on"),
+        off=spread("off"),
+        ratio=spread("ratio"),
+        added=spread("added"),
+        value=spread("value"),
+        target=Target(target["of"], target["op"], target["bound"], target["text"])
+        if target
+        else None,
+        details=data.get("details", {}),
+        note=data.get("note", ""),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Omitted:
     """A figure that could not be taken in this run, and why (reported, never hidden)."""

@@ -54,20 +54,79 @@ def _range(spread: Spread | None) -> str:
     return f"{number(spread.min)} to {number(spread.max)}"
 
 
+NOISY_SPREAD = 1.3  # per-round max/min of a ratio beyond which one run cannot judge a target
+
+
+def too_noisy(figure: Figure) -> bool:
+    """Whether a ratio's rounds disagree too much to judge: rounds 0.6 to 1.8 -> True."""
+    ratio = figure.ratio
+    if ratio is None or ratio.min <= 0 or math.isnan(ratio.min):
+        return False
+    return ratio.max / ratio.min > NOISY_SPREAD
+
+
 def _status(figure: Figure) -> str:
     verdict = figure.verdict()
     if verdict is None or figure.target is None:
         return ""
     met, by = verdict
+    noisy = " (rounds too spread to judge: re-run on a quiet machine)" if too_noisy(figure) else ""
     if met:
-        return "met"
+        return "met" + noisy
     judged = figure.judged()
     assert judged is not None
     unit = "" if figure.target.of == "ratio" else f" {figure.unit}"
     relative = ""
     if figure.target.bound and figure.target.op == "<=":
         relative = f", {judged.median / figure.target.bound:.2f}x the bound"
-    return f"**missed by {number(by)}{unit}**{relative}"
+    return f"**missed by {number(by)}{unit}**{relative}{noisy}"
+
+
+def _first(value: object) -> float | None:
+    if isinstance(value, list):
+        return float(value[len(value) // 2]) if value else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _function(profile_row: str) -> str:
+    """``"  200024  2.344  0.000  3.174  0.000 /x/agent/accounting.py:216(_count)"`` ->
+    ``"accounting.py:216(_count) 2.34 s"`` (own time)."""
+    fields = profile_row.split(None, 5)
+    where = fields[5].rsplit("/", 1)[-1] if len(fields) == 6 else profile_row.strip()
+    own = fields[1] if len(fields) == 6 else "?"
+    return f"{where} {own} s"
+
+
+def why(figure: Figure) -> str:
+    """What this run's own data says about a figure (for a missed target).
+
+    RSS figures -> the anonymous/file-backed split; start-to-ready -> its phases; polls ->
+    the three functions with the most own time in the profiled poll; noisy ratios -> so.
+    """
+    d = figure.details
+    if "rss_anon_mib" in d and "rss_file_mib" in d:
+        anon, mapped = _first(d["rss_anon_mib"]), _first(d["rss_file_mib"])
+        if anon is not None and mapped is not None:
+            return (
+                f"RssAnon {anon:.0f} MiB (the agent's heap) + RssFile {mapped:.0f} MiB "
+                "(mapped files: libbcc with LLVM/clang)"
+            )
+    if "http_answering_s" in d and "attached_s" in d:
+        http, attached = _first(sorted(d["http_answering_s"])), _first(sorted(d["attached_s"]))
+        if http is not None and attached is not None and figure.value is not None:
+            return (
+                f"interpreter + imports until HTTP answers {http:.2f} s, BPF compile + attach "
+                f"{attached - http:.2f} s, first poll {figure.value.median - attached:.2f} s "
+                "(medians)"
+            )
+    profile = d.get("profile_top")
+    if profile:
+        return "most own time in one profiled poll: " + "; ".join(
+            _function(row) for row in profile[:3]
+        )
+    if too_noisy(figure):
+        return "per-round ratios disagree (shared, loaded machine): not a verdict"
+    return ""
 
 
 def results_document(
@@ -142,12 +201,19 @@ def results_markdown(
     out.append(f"{len(targeted) - len(missed)} of {len(targeted)} targets met.")
     out.append("")
     if targeted:
-        out += ["| target | figure | where we are | status |", "|---|---|---:|---|"]
+        out += [
+            "| target | figure | where we are | status | why (this run's data) |",
+            "|---|---|---:|---|---|",
+        ]
         for f in targeted:
             judged = f.judged()
             assert f.target is not None
             where = number(judged.median) if judged else "n/a"
-            out.append(f"| {f.target.text} | `{f.key}` | {where} | {_status(f) or 'n/a'} |")
+            verdict = f.verdict()
+            reason = why(f) if verdict is not None and not verdict[0] else ""
+            out.append(
+                f"| {f.target.text} | `{f.key}` | {where} | {_status(f) or 'n/a'} | {reason} |"
+            )
         out.append("")
     for group, title in GROUP_TITLES.items():
         members = [f for f in figures if f.group == group]
@@ -162,9 +228,14 @@ def results_markdown(
         if valued:
             out += [*_value_table(valued), ""]
         for f in members:
-            out.append(f"- **{f.title}** — {f.method}" + (f" *{f.note}*" if f.note else ""))
+            out.append(f"- **{f.title}** - {f.method}" + (f" *{f.note}*" if f.note else ""))
+        for f in members:
+            profile = f.details.get("profile_top") or f.details.get("profile_top_2000_calls")
+            if profile:
+                out += ["", f"Hot spots of `{f.key}` (cProfile of one poll, by own time):", ""]
+                out += ["```", *profile[:15], "```"]
         for o in gone:
-            out.append(f"- **{o.title}** (`{o.key}`) — not measured in this run: {o.reason}")
+            out.append(f"- **{o.title}** (`{o.key}`) - not measured in this run: {o.reason}")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -8,6 +8,7 @@ fails is reported as omitted, with the error, and the run goes on.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -19,11 +20,11 @@ from pathlib import Path
 
 from bench.agent_cost import CostPlan, measure_cost
 from bench.datapath import DatapathPlan, measure_datapath, measure_peer
-from bench.figures import Figure, Omitted
+from bench.figures import Figure, Omitted, figure_from_dict
 from bench.k8s_cache import measure_k8s_cache
 from bench.machine import describe_machine
 from bench.probing import AgentProbe
-from bench.reporting import write_results
+from bench.reporting import results_markdown, write_results
 from bench.serving_cost import measure_scrape, measure_startup
 
 log = logging.getLogger("bench")
@@ -113,15 +114,34 @@ def run(parts: tuple[str, ...], quick: bool, out_dir: Path) -> tuple[Path, Path]
         "run_seconds": round((datetime.now(UTC) - start).total_seconds()),
         "quick": quick,
     }
-    preamble = PREAMBLE.format(
-        refused="; ".join(f"{k}: {v}" for k, v in BACKENDS_REFUSED.items()),
-        nproc=machine["nproc"],
-        load_start=load_start,
-        load_end=machine["load_average_end"],
-    )
     return write_results(
-        out_dir, figures, omitted, machine, start.isoformat(timespec="seconds"), preamble
+        out_dir, figures, omitted, machine, start.isoformat(timespec="seconds"),
+        _preamble(machine),
+    )  # fmt: skip
+
+
+def _preamble(machine: dict[str, object]) -> str:
+    return PREAMBLE.format(
+        refused="; ".join(f"{k}: {v}" for k, v in BACKENDS_REFUSED.items()),
+        nproc=machine.get("nproc"),
+        load_start=machine.get("load_average_start"),
+        load_end=machine.get("load_average_end"),
     )
+
+
+def render(out_dir: Path) -> Path:
+    """Rewrite results.md from results.json (after a change to the report's layout)."""
+    document = json.loads((out_dir / "results.json").read_text())
+    figures = [figure_from_dict(k, v) for k, v in document["figures"].items()]
+    omitted = [Omitted(k, v["title"], v["reason"]) for k, v in document["omitted"].items()]
+    order = {part: i for i, part in enumerate(("datapath", "accuracy", "cost", "peer", "k8s"))}
+    figures.sort(key=lambda f: order.get(f.group, 99))
+    machine = document["machine"]
+    md_path = out_dir / "results.md"
+    md_path.write_text(
+        results_markdown(figures, omitted, machine, document["date"], _preamble(machine))
+    )
+    return md_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few short rounds (smoke run)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
     parser.add_argument("--out", type=Path, default=HERE, help="directory for results.*")
+    parser.add_argument("--render", action="store_true", help="only rewrite results.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.render:
+        log.info("wrote %s", render(args.out))
+        return 0
     if os.geteuid() != 0:
         parser.error("benchmarks load BPF: run as root (sudo make bench)")
     parts = tuple(p for p in args.only.split(",") if p)
