@@ -172,17 +172,18 @@ def check_cgroups(cgroup_root: Path) -> Finding:
 
 def check_conntrack() -> Finding:
     try:
-        from agent.model import Endpoint
         from agent.resolve.conntrack import ConntrackResolver
 
         resolver = ConntrackResolver()
-        resolver.translated_destination(Endpoint("198.18.255.1", 1), Endpoint("198.18.255.2", 1))
+        problem = resolver.check()
         resolver.close()
     except Exception as error:
+        problem = str(error)
+    if problem:
         return Finding(
             "conntrack",
             "warn",
-            f"netlink conntrack not readable: {error}",
+            f"netlink conntrack not readable: {problem}",
             "needs CAP_NET_ADMIN and the nf_conntrack module; without it ClusterIP "
             "connections name the Service but not the backend pod",
             required=False,
