@@ -87,6 +87,7 @@ class AgentProcess:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self.exit_code: int | None = None
+        self.stuck_threads = ""  # what each thread was doing when SIGTERM was not enough
 
     def start(self) -> None:
         with self.log_path.open("w") as log:
@@ -95,6 +96,7 @@ class AgentProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
             )
 
     def log(self, last: int = 4000) -> str:
@@ -120,7 +122,9 @@ class AgentProcess:
         raise AssertionError(f"agent not ready within {deadline_seconds} s:\n{self.log()}")
 
     def stop(self) -> int | None:
-        """SIGTERM to our PID; SIGKILL if it does not end in 20 s. Returns the exit code."""
+        """SIGTERM to our PID. If it has not ended 20 s later: its threads' kernel stacks go to
+        ``stuck_threads``, then SIGABRT makes faulthandler write their Python tracebacks to
+        the log (SIGKILL if even that fails). Returns the exit code."""
         process, self.process = self.process, None
         if process is None:
             return self.exit_code
@@ -129,7 +133,34 @@ class AgentProcess:
             try:
                 process.wait(20)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+                self.stuck_threads = thread_states(process.pid)
+                process.send_signal(signal.SIGABRT)  # faulthandler: every thread's traceback
+                try:
+                    process.wait(5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(5)
         self.exit_code = process.returncode
         return self.exit_code
+
+
+def thread_states(pid: int, proc_root: str | Path = "/proc") -> str:
+    """Every thread of ``pid``: name, state, kernel wait channel and kernel stack (root can
+    read it), e.g. ``"1234 python3 S do_epoll_wait\n  [<0>] ep_poll+0x...``."""
+    lines = []
+    tasks = Path(proc_root) / str(pid) / "task"
+    with contextlib.suppress(OSError):
+        for task in sorted(tasks.iterdir(), key=lambda path: int(path.name)):
+            facts = []
+            for name in ("comm", "wchan", "stack"):
+                try:
+                    facts.append((task / name).read_text().strip())
+                except OSError as error:
+                    facts.append(f"<{error.strerror}>")
+            comm, wchan, stack = facts
+            state = ""
+            with contextlib.suppress(OSError):
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            lines.append(f"{task.name} {comm} {state} {wchan}")
+            lines.extend(f"  {frame}" for frame in stack.splitlines()[:12])
+    return "\n".join(lines)

@@ -59,6 +59,8 @@ AGENT_HEALTH = (
     "tcpacct_poll_errors_total",
     "tcpacct_poll_duration_seconds",
     "tcpacct_tracked_sockets",
+    "tcpacct_map_entries",
+    "tcpacct_untracked_sockets_total",
     "tcpacct_held_back_sockets",
     "tcpacct_series",
 )
@@ -370,4 +372,6 @@ def test_ratings_to_mongodb_measured_in_prometheus(scenario: Scenario) -> None:
         == 2 * other.request_bytes
     )  # both reporters
 
-    assert scenario.agent.stop() == 0, scenario.agent.log()
+    assert [value for _, value in scenario.prometheus.query("tcpacct_poll_errors_total")] == [0.0]
+    exit_code = scenario.agent.stop()
+    assert exit_code == 0, f"{scenario.agent.log()}\n{scenario.agent.stuck_threads}"
