@@ -5,6 +5,12 @@ The kernel gives each socket's namespace inode; any process in that namespace ha
 ``/proc/<pid>/ns/net`` pointing at the same inode, and its cgroup names the pod. A full scan
 of ``/proc`` builds the whole inode -> pod map at once; it runs on a miss, at most once per
 ``rescan_interval`` seconds, and tolerates processes exiting mid-scan.
+
+The kernel reuses a namespace's inode number soon after the namespace is gone (a pod
+deleted, another created: the new pod's namespace often gets the old one's number). So each
+remembered inode keeps the process it was found through, and a hit counts only while that
+process is still in that namespace and still in that pod's cgroup; otherwise the entry is
+dropped and the map rebuilt (at most once per ``rescan_interval``).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ class NetnsResolver:
         self.rescan_interval = rescan_interval
         self._clock = clock
         self._lock = threading.Lock()
-        self._pods: dict[int, str] = {}
+        self._pods: dict[int, tuple[str, int]] = {}  # inode -> (pod UID, a pid in it)
         self._last_scan: float | None = None
         self.scans = 0
 
@@ -57,11 +63,27 @@ class NetnsResolver:
         if inode <= 0 or inode == self.host_netns():
             return None  # the node's namespace: never one pod's, and not worth a scan
         with self._lock:
-            uid = self._pods.get(inode)
+            uid = self._valid_entry(inode)
             if uid is None and self._scan_due():
                 self._scan()
-                uid = self._pods.get(inode)
+                found = self._pods.get(inode)
+                uid = found[0] if found else None
         return uid or None  # AMBIGUOUS ("") -> None
+
+    def _valid_entry(self, inode: int) -> str | None:
+        """The remembered UID of ``inode`` if the process it was found through is still in
+        that namespace and pod; else forgets the entry (the namespace, or the inode number,
+        may now be another pod's)."""
+        entry = self._pods.get(inode)
+        if entry is None:
+            return None
+        uid, pid = entry
+        if self._inode_of(pid) == inode and (
+            uid == AMBIGUOUS or self.cgroups.pod_uid_of_pid(pid) == uid
+        ):
+            return uid
+        del self._pods[inode]
+        return None
 
     def _scan_due(self) -> bool:
         return self._last_scan is None or self._clock() - self._last_scan >= self.rescan_interval
@@ -70,7 +92,7 @@ class NetnsResolver:
         self._last_scan = self._clock()
         self.scans += 1
         host = self.host_netns()
-        found: dict[int, str] = {}
+        found: dict[int, tuple[str, int]] = {}
         try:
             entries = os.listdir(self.proc_root)
         except OSError:
@@ -86,7 +108,10 @@ class NetnsResolver:
             if uid is None:
                 continue
             known = found.get(inode)
-            found[inode] = uid if known in (None, uid) else AMBIGUOUS
+            if known is None:
+                found[inode] = (uid, pid)
+            else:  # the lowest pid (a pod's first process, its sandbox) as the witness
+                found[inode] = (uid if known[0] == uid else AMBIGUOUS, min(pid, known[1]))
         self._pods = found
 
     def _inode_of(self, pid: int) -> int | None:

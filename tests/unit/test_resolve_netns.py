@@ -86,3 +86,39 @@ def test_the_node_namespace_given_explicitly_is_never_scanned(tmp_path: Path) ->
     assert resolver.pod_uid_of_netns(HOST) is None
     assert resolver.scans == 0
     assert resolver.pod_uid_of_netns(POD_A_NS) == UID_A
+
+
+def test_an_inode_number_reused_by_another_pods_namespace(tmp_path: Path) -> None:
+    """Pod A's namespace is gone and the kernel gave its inode number to pod B's new one:
+    the remembered answer is not trusted once the process it came from left."""
+    tree(tmp_path)
+    clock = Clock()
+    resolver = NetnsResolver(tmp_path, clock=clock, rescan_interval=1.0)
+    assert resolver.pod_uid_of_netns(POD_A_NS) == UID_A
+    for pid in (10, 11):  # pod A ends
+        for path in sorted((tmp_path / str(pid)).rglob("*"), reverse=True):
+            path.unlink() if not path.is_dir() else path.rmdir()
+        (tmp_path / str(pid)).rmdir()
+    add_process(tmp_path, 50, POD_A_NS, f"0::/kubepods/pod{UID_B}/{'f' * 64}\n")  # pod B
+    assert resolver.pod_uid_of_netns(POD_A_NS) is None  # within the rescan interval
+    clock.now += 1.0
+    assert resolver.pod_uid_of_netns(POD_A_NS) == UID_B
+    assert resolver.scans == 2
+
+
+def test_a_remembered_namespace_is_checked_against_its_process(tmp_path: Path) -> None:
+    """Hits need no rescan while the process found in the namespace is still there; a
+    process that moved to another namespace no longer vouches for the old one."""
+    tree(tmp_path)
+    clock = Clock()
+    resolver = NetnsResolver(tmp_path, clock=clock, rescan_interval=1.0)
+    assert resolver.pod_uid_of_netns(POD_A_NS) == UID_A
+    clock.now += 5.0
+    assert resolver.pod_uid_of_netns(POD_A_NS) == UID_A
+    assert resolver.scans == 1
+    for pid in (10, 11):  # both of pod A's processes now show another namespace
+        link = tmp_path / str(pid) / "ns" / "net"
+        link.unlink()
+        os.symlink(f"net:[{OTHER_NS}]", link)
+    assert resolver.pod_uid_of_netns(POD_A_NS) is None
+    assert resolver.scans == 2
