@@ -236,6 +236,13 @@ class Scenario:
             for labels, value in self.prometheus.query(metric):
                 shown = {k: v for k, v in labels.items() if k not in ("job", "instance")}
                 lines.append(f"  {value} {shown}")
+        untracked = self.prometheus.query("tcpacct_untracked_sockets_total")
+        if untracked and untracked[0][1] > 0:
+            lines.append(
+                f"NOTE: {untracked[0][1]:.0f} sockets found the agent's socket map full: other "
+                "processes on this machine opened more sockets than --max-sockets while this "
+                "ran (their bytes are exported as unattributed). Run the e2e tier alone."
+            )
         lines.append(f"agent log:\n{self.agent.log()}")
         pytest.fail("\n".join(lines), pytrace=False)
 
