@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from agent.model import (
@@ -68,6 +69,7 @@ class _Tracked:
     attributes: ConnectionAttributes | None = None
     waited: int = 0  # polls held back waiting for a name
     last_sample: SocketSample | None = None  # kept only while held back
+    last_seen: SocketSample | None = None  # the sample in the peer index
     missing: int = 0  # consecutive polls absent from both maps
 
 
@@ -95,25 +97,39 @@ class AccountingStats:
 
 
 class _Peers:
-    """Sockets of this poll by (local, remote), to find the other end of a local connection.
+    """Sockets by (local, remote), to find the other end of a local connection.
 
     ``peer_of(client 127.0.0.1:5000 -> 127.0.0.1:80)`` -> the server socket
     ``127.0.0.1:80 -> 127.0.0.1:5000`` (preferring one in the same network namespace).
+    Kept up to date across polls (only new and changed sockets are put, finished and
+    vanished ones removed), so a poll that names a few new sockets does not re-index all.
     """
 
-    def __init__(self, samples: Iterable[SocketSample]) -> None:
-        self._by_tuple: dict[tuple[Endpoint, Endpoint], list[SocketSample]] = {}
-        for sample in samples:
-            self._by_tuple.setdefault((sample.local, sample.remote), []).append(sample)
+    def __init__(self, *groups: Iterable[SocketSample]) -> None:
+        self._by_tuple: dict[tuple[Endpoint, Endpoint], dict[int, SocketSample]] = {}
+        for group in groups:
+            for sample in group:
+                self.put(sample)
+
+    def put(self, sample: SocketSample) -> None:
+        self._by_tuple.setdefault((sample.local, sample.remote), {})[sample.socket_id] = sample
+
+    def remove(self, sample: SocketSample) -> None:
+        key = (sample.local, sample.remote)
+        same = self._by_tuple.get(key)
+        if same is not None:
+            same.pop(sample.socket_id, None)
+            if not same:
+                del self._by_tuple[key]
 
     def peer_of(self, sample: SocketSample) -> SocketSample | None:
         candidates = self._by_tuple.get((sample.remote, sample.local))
         if not candidates:
             return None
-        for candidate in candidates:
-            if candidate.netns == sample.netns and candidate.socket_id != sample.socket_id:
+        others = [c for sid, c in candidates.items() if sid != sample.socket_id]
+        for candidate in others:
+            if candidate.netns == sample.netns:
                 return candidate
-        others = [c for c in candidates if c.socket_id != sample.socket_id]
         return others[0] if others else None
 
 
@@ -164,6 +180,9 @@ class Accountant:
         self._published_stats = AccountingStats(0, 0, 0, 0, 0, 0, 0)
         self._lock = threading.Lock()
         self._tracked: dict[int, _Tracked] = {}
+        self._held: set[int] = set()  # tracked ids waiting for a name
+        self._peers = _Peers()
+        self._missing: dict[int, int] = {}  # tracked ids absent from both maps: for how long
         self._totals: dict[SeriesKey, int] = {}
         self._unattributed = _Unattributed()
         self._kernel_untracked = (0, 0, 0)  # sent, received, sockets
@@ -174,15 +193,30 @@ class Accountant:
     def apply(self, poll: KernelPoll) -> None:
         with self._lock:
             self._polls += 1
-            peers = _Peers((*poll.live, *poll.finished))
-            seen: set[int] = set()
-            for sample in poll.live:
-                seen.add(sample.socket_id)
-                self._advance(sample, peers, final=False)
+            peers = self._peers
+            if poll.changed is None:
+                todo: list[SocketSample] = list(poll.live)
+                live_ids: AbstractSet[int] = {sample.socket_id for sample in poll.live}
+            else:
+                by_id = poll.by_id if poll.by_id is not None else poll.live_by_id()
+                live_ids = by_id.keys()
+                # what changed, what this accountant has not seen yet, what waits for a name
+                pending = (live_ids - self._tracked.keys()) | (self._held & live_ids)
+                pending -= {sample.socket_id for sample in poll.changed}
+                todo = [*poll.changed, *(by_id[sid] for sid in pending)]
+            for sample in todo:
+                peers.put(sample)
             for sample in poll.finished:
-                seen.add(sample.socket_id)
+                peers.put(sample)
+            for sample in todo:
+                self._advance(sample, peers, final=False)
+            finished_ids = set()
+            for sample in poll.finished:
+                finished_ids.add(sample.socket_id)
                 self._advance(sample, peers, final=True)
-            self._notice_vanished(seen)
+            for sample in poll.finished:
+                peers.remove(sample)
+            self._notice_vanished(live_ids, finished_ids)
             self._fold_kernel_counters(poll)
             self._expire_idle_series()
             self._publish()
@@ -195,6 +229,10 @@ class Accountant:
             self._tracked[sid] = tracked
         tracked.missing = 0
         tracked.role = sample.role
+        last = tracked.last_seen
+        if last is not None and (last.local, last.remote) != (sample.local, sample.remote):
+            self._peers.remove(last)  # its tuple became known at ESTABLISHED
+        tracked.last_seen = sample
         if tracked.series is None:
             must_answer = final or tracked.waited >= self._max_wait
             attributes = self._enricher.attributes(sample, peers, final=must_answer)
@@ -202,16 +240,19 @@ class Accountant:
                 tracked.waited += 1  # cumulative counters: nothing is lost by waiting
                 if not final:
                     tracked.last_sample = sample
+                    self._held.add(sid)
                     return
                 attributes = self._enricher.attributes(sample, peers, final=True)
             if attributes is None:
                 raise RuntimeError("enricher returned None for a final sample")
             tracked.attributes = attributes
             tracked.last_sample = None
+            self._held.discard(sid)
             tracked.series = self._admit(self._series_for(attributes))
         self._count(tracked, sample)
         if final:
             del self._tracked[sid]
+            self._missing.pop(sid, None)
 
     def _count(self, tracked: _Tracked, sample: SocketSample) -> None:
         sent = sample.sent_bytes - tracked.sent
@@ -303,14 +344,16 @@ class Accountant:
         self._evaluated[key] = result = tuple(out)
         return result
 
-    def _notice_vanished(self, seen: set[int]) -> None:
+    def _notice_vanished(self, live_ids: AbstractSet[int], finished_ids: set[int]) -> None:
         """Sockets gone from both maps: the kernel spilled their close (closed map full)."""
         unattributed = self._unattributed
         unattributed.missing_sent = unattributed.missing_received = 0
-        for sid in [sid for sid in self._tracked if sid not in seen]:
+        absent = self._tracked.keys() - live_ids - finished_ids
+        self._missing = {sid: self._missing.get(sid, 0) + 1 for sid in absent}
+        for sid, polls in list(self._missing.items()):
             tracked = self._tracked[sid]
-            tracked.missing += 1
-            if tracked.missing < MISSING_POLLS_BEFORE_SPILLED:
+            tracked.missing = polls
+            if polls < MISSING_POLLS_BEFORE_SPILLED:
                 # Its spill may already be in the kernel counters read this poll: what was
                 # counted for it must not be exported as unattributed meanwhile.
                 # (A socket still held back will be named and counted up to its last sample.)
@@ -319,10 +362,14 @@ class Accountant:
                 unattributed.missing_received += last.received_bytes if last else tracked.received
                 continue
             del self._tracked[sid]
+            del self._missing[sid]
+            self._held.discard(sid)
+            if tracked.last_seen is not None:
+                self._peers.remove(tracked.last_seen)
             if tracked.series is None and tracked.last_sample is not None:
                 # held back when it vanished: name it now from what was last seen of it
                 last = tracked.last_sample
-                attributes = self._enricher.attributes(last, _Peers(()), final=True)
+                attributes = self._enricher.attributes(last, _Peers(), final=True)
                 if attributes is not None:
                     tracked.attributes = attributes
                     tracked.series = self._admit(self._series_for(attributes))
@@ -405,10 +452,9 @@ class Accountant:
     def _publish(self) -> None:
         """Called with the lock held, after every change: one reference swap for readers."""
         self._published = (dict(self._totals), tuple(self._catalogue.definitions()))
-        held = sum(1 for t in self._tracked.values() if t.series is None)
         self._published_stats = AccountingStats(
             tracked_sockets=len(self._tracked),
-            held_back_sockets=held,
+            held_back_sockets=len(self._held),
             unattributed_sent_bytes=self._unattributed.exported_sent,
             unattributed_received_bytes=self._unattributed.exported_received,
             untracked_sockets=self._kernel_untracked[2],

@@ -153,6 +153,13 @@ class KernelPoll:
     counters: KernelCounters
     live: tuple[SocketSample, ...]
     finished: tuple[SocketSample, ...]
+    # The live sockets whose counters or lifecycle changed since the reader's last poll
+    # (None: all of them). Lets accounting skip the unchanged majority of a large node.
+    changed: tuple[SocketSample, ...] | None = None
+    by_id: Mapping[int, SocketSample] | None = None  # live, by socket id (when the reader has it)
+
+    def live_by_id(self) -> dict[int, SocketSample]:
+        return {sample.socket_id: sample for sample in self.live}
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,7 +136,8 @@ class Agent:
             ),
             SelfMetric(
                 "tcpacct_map_entries",
-                "Entries in a BPF map at the last poll",
+                "Entries in a BPF map: socks at the last poll; closed, the most one drain "
+                "of it found",
                 "gauge",
                 [({"map": name}, used) for name, (used, _) in usage.items()],
             ),

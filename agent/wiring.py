@@ -155,6 +155,7 @@ def open_counting(settings: Settings) -> tuple[KernelTracer, Accountant]:
         capacities=Capacities(sockets=settings.max_sockets, closed=settings.max_closed),
         listeners=lambda: listening_sockets(settings.proc_root),
     )
+    tracer.start_draining()
     enricher = LocalEnricher(ProcessNames(settings.proc_root).name)
     return tracer, Accountant(load_catalogue(settings.config_files), enricher)
 
@@ -190,6 +191,7 @@ def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgen
         listeners=lambda: listening_sockets(settings.proc_root),
     )
     closers.append(tracer.close)
+    tracer.start_draining()
     mode = _enrichment(settings, closers)
     accountant = Accountant(
         catalogue,

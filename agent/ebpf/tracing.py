@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOCK_INFO_SIZE = ctypes.sizeof(SockInfo)  # 88
-# id, sent, received, (addresses…), role, flags, tgid as the cheap per-poll view of an entry.
-_ENTRY = struct.Struct("<QQQ32xHHHBBII16s")
+_ENTRY_WORDS = SOCK_INFO_SIZE // 8  # struct sock_info as 64-bit words
+_CHUNK = struct.Struct(f"{SOCK_INFO_SIZE}s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,55 +110,95 @@ class KernelTracer:
         self._finished = _BatchReader(lib, bpf["closed"].map_fd, 8, capacities.closed)
         self._counters = bpf["counters"]
         self._samples: dict[int, SocketSample] = {}  # id -> last decoded sample (live)
+        self._chunks: set[tuple[bytes]] = set()  # the live entries of the last poll, raw
         self._live_entries = 0
+        self._drained: list[SocketSample] = []
+        self._closed_peak = 0  # most closed entries found by one drain
+        self._stop_draining = threading.Event()
+        self._drainer: threading.Thread | None = None
 
     # -- reading -----------------------------------------------------------------------
-    def _decode(self, raw: memoryview, *, live: bool) -> list[SocketSample]:
-        samples: list[SocketSample] = []
-        cache = self._samples
-        fresh: dict[int, SocketSample] = {}
-        for offset in range(0, len(raw), SOCK_INFO_SIZE):
-            chunk = raw[offset : offset + SOCK_INFO_SIZE]
-            sid, sent, received, _lp, _rp, _fam, role, flags, _ns, tgid, _comm = _ENTRY.unpack_from(
-                chunk
-            )
-            known = cache.get(sid)
-            if (
-                known is not None
-                and known.sent_bytes == sent
-                and known.received_bytes == received
-                and known.flags == flags
-                and known.role == role
-                and known.pid == tgid
-            ):
-                sample = known
-            else:
-                sample = decode_raw(chunk)
-            samples.append(sample)
-            if live:
-                fresh[sid] = sample
-        if live:
-            self._samples = fresh
-        return samples
+    def _decode_finished(self, raw: memoryview) -> list[SocketSample]:
+        return [
+            decode_raw(raw[offset : offset + SOCK_INFO_SIZE])
+            for offset in range(0, len(raw), SOCK_INFO_SIZE)
+        ]
+
+    def _read_live(
+        self, raw: memoryview
+    ) -> tuple[tuple[SocketSample, ...], list[SocketSample], dict[int, SocketSample]]:
+        """All live samples and the ones that changed since the last poll.
+
+        The unchanged majority is found by C-level set operations on the raw entries (88
+        bytes each: an entry whose bytes are the same as last poll's is unchanged); only new
+        or changed entries are decoded into Python objects.
+        """
+        chunks = set(_CHUNK.iter_unpack(raw))  # whole entries as bytes, compared in C
+        fresh = chunks - self._chunks
+        self._chunks = chunks
+        samples = self._samples
+        if fresh or len(chunks) != len(samples):
+            current = set(raw.cast("B").cast("Q")[0::_ENTRY_WORDS])
+            for sid in samples.keys() - current:
+                del samples[sid]
+        changed: list[SocketSample] = []
+        for (chunk,) in fresh:
+            sample = decode_raw(chunk)
+            samples[sample.socket_id] = sample
+            changed.append(sample)
+        return tuple(samples.values()), changed, dict(samples)
 
     def poll(self) -> KernelPoll:
-        """Counters, then live sockets, then sockets finished since the last poll."""
+        """Counters, then live sockets, then sockets finished since the last poll (drained
+        now, plus what :meth:`drain` took out of the closed map meanwhile)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("tracer is closed")
             counters = decode_counters(
                 [int(self._counters.sum(ctypes.c_int(i)).value) for i in range(C_COUNT)]
             )
-            live_raw = self._socks.read(delete=False)
-            live = self._decode(live_raw, live=True)
+            live, changed, by_id = self._read_live(self._socks.read(delete=False))
             self._live_entries = len(live)
-            finished = self._decode(self._finished.read(delete=True), live=False)
-        return KernelPoll(counters=counters, live=tuple(live), finished=tuple(finished))
+            finished = self._drained
+            finished.extend(self._decode_finished(self._finished.read(delete=True)))
+            self._drained = []
+        return KernelPoll(counters, live, tuple(finished), tuple(changed), by_id)
+
+    def drain(self) -> int:
+        """Move finished sockets' final counts out of the kernel's closed map into memory.
+
+        Called every fraction of a second by :meth:`start_draining`, so the closed map's
+        capacity bounds the closes per drain period rather than per report interval (or
+        per slow poll). A finished socket is final: holding it until the next poll loses
+        nothing, and it can never show up live again (the kernel removes it from the
+        socket map before it enters the closed map).
+        """
+        with self._lock:
+            if self._closed:
+                return 0
+            raw = self._finished.read(delete=True)
+            if not raw:
+                return 0
+            samples = self._decode_finished(raw)
+            self._drained.extend(samples)
+            self._closed_peak = max(self._closed_peak, len(samples))
+            return len(samples)
+
+    def start_draining(self, period: float = 0.25) -> None:
+        def loop() -> None:
+            while not self._stop_draining.wait(period):
+                try:
+                    self.drain()
+                except Exception:
+                    log.exception("draining the closed-socket map failed; the poll retries")
+
+        self._drainer = threading.Thread(target=loop, name="closed-drain", daemon=True)
+        self._drainer.start()
 
     def map_usage(self) -> Mapping[str, tuple[int, int]]:
         return {
             "socks": (self._live_entries, self.capacities.sockets),
-            "closed": (0, self.capacities.closed),
+            "closed": (self._closed_peak, self.capacities.closed),
         }
 
     # -- set-up and tear-down ----------------------------------------------------------
@@ -182,6 +222,9 @@ class KernelTracer:
 
     def close(self) -> None:
         """Detach every program and free the maps; safe to call twice."""
+        self._stop_draining.set()
+        if self._drainer is not None:
+            self._drainer.join(timeout=5)
         with self._lock:
             if self._closed:
                 return

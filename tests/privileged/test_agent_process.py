@@ -46,9 +46,12 @@ def scrape(port: int) -> str:
 def metric_sum(text: str, name: str, **labels: str) -> int:
     total = 0
     for line in text.splitlines():
-        if not line.startswith(name + "{"):
+        if line.startswith(name + " "):
+            body = ""
+        elif line.startswith(name + "{"):
+            body = line[len(name) + 1 : line.rindex("}")]
+        else:
             continue
-        body = line[len(name) + 1 : line.rindex("}")]
         found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', body))
         if all(found.get(k) == v for k, v in labels.items()):
             total += int(float(line.rsplit(" ", 1)[1]))

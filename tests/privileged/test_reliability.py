@@ -158,7 +158,28 @@ def test_churn_with_scrapes_every_100ms_is_exact(backend, churn):
                     for rep in ("source", "destination")
                 )
 
-            assert wait_for(settled), "closes not all counted in time"
+            if not wait_for(settled):
+                text = scrape(port)
+                seen = {
+                    (r["port"], rep, metric): metric_sum(
+                        text, metric, destination_service=f"127.0.0.1:{r['port']}", reporter=rep
+                    )
+                    for r in results
+                    for rep in ("source", "destination")
+                    for metric in (OPENED, CLOSED, RECEIVED, SENT)
+                }
+                stats = {
+                    name: metric_sum(text, name)
+                    for name in (
+                        "tcpacct_unattributed_bytes_total",
+                        "tcpacct_held_back_sockets",
+                        "tcpacct_tracked_sockets",
+                        "tcpacct_spilled_sockets_total",
+                        "tcpacct_untracked_sockets_total",
+                        "tcpacct_poll_errors_total",
+                    )
+                }
+                raise AssertionError(f"closes not all counted in time: {results} {seen} {stats}")
         text = scrape(port)
         total = sum(r["connections"] for r in results)
         print(
