@@ -403,40 +403,63 @@ struct pending_call {
 BPF_HASH(pending_send, u64, struct pending_call, 16384);
 BPF_HASH(pending_receive, u64, struct pending_call, 16384);
 
-// bcc maps are not passed by pointer; these expand per map.
-#define REMEMBER(calls, sk_value, flags_value)                       \
-    do {                                                             \
-        u64 thread = bpf_get_current_pid_tgid();                     \
-        struct pending_call call = {};                               \
-        call.sk = (sk_value);                                        \
-        call.flags = (flags_value);                                  \
-        calls.update(&thread, &call);                                \
-    } while (0)
+// One pair of helpers per map: bcc rewrites map calls in functions of the main file, not in
+// macros, and maps cannot be passed by pointer.
+static __always_inline void remember_send(u64 sk)
+{
+    u64 thread = bpf_get_current_pid_tgid();
+    struct pending_call call = {};
+    call.sk = sk;
+    pending_send.update(&thread, &call);
+}
 
-#define FINISH(calls, ctx, direction)                                \
-    do {                                                             \
-        u64 thread = bpf_get_current_pid_tgid();                     \
-        struct pending_call *call = calls.lookup(&thread);           \
-        if (!call)                                                   \
-            return 0;                                                \
-        u64 sk = call->sk;                                           \
-        int flags = call->flags;                                     \
-        calls.delete(&thread);                                       \
-        int ret = PT_REGS_RC(ctx);                                   \
-        if (ret > 0 && !(flags & (TCPACCT_MSG_PEEK | TCPACCT_MSG_ERRQUEUE))) \
-            count_bytes((void *)sk, ret, direction);                 \
-        return 0;                                                    \
-    } while (0)
+static __always_inline void remember_receive(u64 sk, int flags)
+{
+    u64 thread = bpf_get_current_pid_tgid();
+    struct pending_call call = {};
+    call.sk = sk;
+    call.flags = flags;
+    pending_receive.update(&thread, &call);
+}
+
+static __always_inline int finish_send(struct pt_regs *ctx)
+{
+    u64 thread = bpf_get_current_pid_tgid();
+    struct pending_call *call = pending_send.lookup(&thread);
+    if (!call)
+        return 0;
+    u64 sk = call->sk;
+    pending_send.delete(&thread);
+    int ret = PT_REGS_RC(ctx);
+    if (ret > 0)
+        count_bytes((void *)sk, ret, DIR_SENT);
+    return 0;
+}
+
+static __always_inline int finish_receive(struct pt_regs *ctx)
+{
+    u64 thread = bpf_get_current_pid_tgid();
+    struct pending_call *call = pending_receive.lookup(&thread);
+    if (!call)
+        return 0;
+    u64 sk = call->sk;
+    int flags = call->flags;
+    pending_receive.delete(&thread);
+    int ret = PT_REGS_RC(ctx);
+    if (ret > 0 && !(flags & (TCPACCT_MSG_PEEK | TCPACCT_MSG_ERRQUEUE)))
+        count_bytes((void *)sk, ret, DIR_RECEIVED);
+    return 0;
+}
 
 int enter_tcp_sendmsg(struct pt_regs *ctx)
 {
-    REMEMBER(pending_send, PT_REGS_PARM1(ctx), 0);
+    remember_send(PT_REGS_PARM1(ctx));
     return 0;
 }
 
 int exit_tcp_sendmsg(struct pt_regs *ctx)
 {
-    FINISH(pending_send, ctx, DIR_SENT);
+    return finish_send(ctx);
 }
 
 int enter_tcp_recvmsg(struct pt_regs *ctx)
@@ -446,25 +469,25 @@ int enter_tcp_recvmsg(struct pt_regs *ctx)
 #else
     int flags = PT_REGS_PARM4(ctx);
 #endif
-    REMEMBER(pending_receive, PT_REGS_PARM1(ctx), flags);
+    remember_receive(PT_REGS_PARM1(ctx), flags);
     return 0;
 }
 
 int exit_tcp_recvmsg(struct pt_regs *ctx)
 {
-    FINISH(pending_receive, ctx, DIR_RECEIVED);
+    return finish_receive(ctx);
 }
 
 #ifdef HOOK_TCP_SENDPAGE
 int enter_tcp_sendpage(struct pt_regs *ctx)
 {
-    REMEMBER(pending_send, PT_REGS_PARM1(ctx), 0);
+    remember_send(PT_REGS_PARM1(ctx));
     return 0;
 }
 
 int exit_tcp_sendpage(struct pt_regs *ctx)
 {
-    FINISH(pending_send, ctx, DIR_SENT);
+    return finish_send(ctx);
 }
 #endif
 #endif
