@@ -63,9 +63,7 @@ def _attribute(kind: int, payload: bytes) -> bytes:
     return header + payload + b"\0" * (_align(len(payload)) - len(payload))
 
 
-def encode_get(
-    sequence: int, source: Endpoint, destination: Endpoint, *, reply: bool
-) -> bytes:
+def encode_get(sequence: int, source: Endpoint, destination: Endpoint, *, reply: bool) -> bytes:
     """A ``CT_GET`` request for the TCP entry whose original (or reply) tuple is
     ``source -> destination``. Addresses must be canonical (folded) text of one family."""
     src, dst = ipaddress.ip_address(source.address), ipaddress.ip_address(destination.address)

@@ -113,9 +113,12 @@ def test_cluster_ip_backends_and_original_destinations(lab: NetLab, family: str)
         # round robin: the first connection went to backend 0
         assert int(accepted[0][1]) == client_ports[0]
         unused_port = max(client_ports) + 1
-        assert nat.translated_destination(
-            Endpoint(client_address, unused_port), Endpoint(cluster_ip, 80)
-        ) is None
+        assert (
+            nat.translated_destination(
+                Endpoint(client_address, unused_port), Endpoint(cluster_ip, 80)
+            )
+            is None
+        )
         assert nat.errors == 0
     finally:
         nat.close()

@@ -28,8 +28,7 @@ NOBODY = 65534
 # argv: [pid of the other user's process, its socket's fd number, backend].
 OPERATIONS = {
     "load and attach the BPF programs": (
-        "import sys; from agent.ebpf.tracing import open_tracer; "
-        "open_tracer(sys.argv[3]).close()"
+        "import sys; from agent.ebpf.tracing import open_tracer; open_tracer(sys.argv[3]).close()"
     ),
     "list another user's /proc/<pid>/fd": (
         "import os, sys; assert os.listdir(f'/proc/{sys.argv[1]}/fd')"
@@ -53,10 +52,11 @@ OPERATIONS = {
 NEEDED_FOR = {
     "BPF": ["load and attach the BPF programs"],
     "PERFMON": ["load and attach the BPF programs"],
-    "SYS_PTRACE": ["readlink another user's socket fd",
-                   "readlink another user's /proc/<pid>/ns/net"],
-    "DAC_READ_SEARCH": ["list another user's /proc/<pid>/fd",
-                        "readlink another user's socket fd"],
+    "SYS_PTRACE": [
+        "readlink another user's socket fd",
+        "readlink another user's /proc/<pid>/ns/net",
+    ],
+    "DAC_READ_SEARCH": ["list another user's /proc/<pid>/fd", "readlink another user's socket fd"],
     "NET_ADMIN": ["read conntrack over netlink"],
 }
 
@@ -81,13 +81,21 @@ def other_users_socket() -> Iterator[tuple[int, int]]:
             pytest.fail(f"privileged tier cannot run under CI=true: {reason}", pytrace=False)
         pytest.skip(reason)
     holder = subprocess.Popen(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-c",
-         "import socket, time\n"
-         "s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
-         "print(s.fileno(), flush=True)\n"
-         "time.sleep(120)\n"],
-        stdout=subprocess.PIPE, text=True, cwd="/",
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import socket, time\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+            "print(s.fileno(), flush=True)\n"
+            "time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
     )
     try:
         fd = int(holder.stdout.readline())
@@ -104,9 +112,21 @@ def attempt(
     bounding = ",".join(["-all", *(f"+{cap.lower()}" for cap in capabilities)])
     backend = os.environ.get("TCPACCT_TEST_BACKEND", "auto")
     return subprocess.run(
-        ["setpriv", f"--bounding-set={bounding}", "--", sys.executable, "-c",
-         OPERATIONS[operation], str(pid), str(fd), backend],
-        capture_output=True, text=True, timeout=180, cwd=REPO,
+        [
+            "setpriv",
+            f"--bounding-set={bounding}",
+            "--",
+            sys.executable,
+            "-c",
+            OPERATIONS[operation],
+            str(pid),
+            str(fd),
+            backend,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
     )
 
 
@@ -116,8 +136,9 @@ def test_every_capability_says_what_it_is_for() -> None:
 
 
 @pytest.mark.parametrize("operation", list(OPERATIONS))
-def test_the_daemonsets_capabilities_are_enough(operation: str,
-                                                other_users_socket: tuple[int, int]) -> None:
+def test_the_daemonsets_capabilities_are_enough(
+    operation: str, other_users_socket: tuple[int, int]
+) -> None:
     result = attempt(operation, daemonset_capabilities(), *other_users_socket)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -126,8 +147,9 @@ def test_the_daemonsets_capabilities_are_enough(operation: str,
     ("capability", "operation"),
     [(cap, op) for cap, ops in NEEDED_FOR.items() for op in ops],
 )
-def test_each_capability_is_needed(capability: str, operation: str,
-                                   other_users_socket: tuple[int, int]) -> None:
+def test_each_capability_is_needed(
+    capability: str, operation: str, other_users_socket: tuple[int, int]
+) -> None:
     fewer = [cap for cap in daemonset_capabilities() if cap != capability]
     result = attempt(operation, fewer, *other_users_socket)
     assert result.returncode != 0, f"{operation} worked without CAP_{capability}"
