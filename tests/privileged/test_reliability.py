@@ -49,7 +49,7 @@ from tests.support.harness import (
 )
 
 CHURN_SOURCE = Path(__file__).resolve().parents[1] / "support" / "churn.c"
-CHURN_SECONDS = float(os.environ.get("TCPACCT_CHURN_SECONDS", "30"))
+CHURN_SECONDS = float(os.environ.get("TCPACCT_CHURN_SECONDS", "60"))
 
 
 @pytest.fixture(scope="session")
