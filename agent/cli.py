@@ -58,6 +58,60 @@ def _basic_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+BACKEND_OPTION = click.option(
+    "--backend",
+    type=click.Choice(BACKEND_CHOICES),
+    default="auto",
+    show_default=True,
+    envvar=_env("BACKEND"),
+    help="Kernel hooks; auto takes the first that works here.",
+)
+PROC_ROOT_OPTION = click.option(
+    "--proc-root",
+    type=click.Path(path_type=Path, file_okay=False),
+    default="/proc",
+    show_default=True,
+    envvar=_env("PROC_ROOT"),
+    help="The host's /proc.",
+)
+CGROUP_ROOT_OPTION = click.option(
+    "--cgroup-root",
+    type=click.Path(path_type=Path, file_okay=False),
+    default="/sys/fs/cgroup",
+    show_default=True,
+    envvar=_env("CGROUP_ROOT"),
+    help="The host's cgroup tree.",
+)
+BTF_PATH_OPTION = click.option(
+    "--btf-path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default="/sys/kernel/btf/vmlinux",
+    show_default=True,
+    envvar=_env("BTF_PATH"),
+    help="The running kernel's BTF (struct layouts).",
+)
+KUBECONFIG_OPTION = click.option(
+    "--kubeconfig",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar=_env("KUBECONFIG"),
+    help="Kubeconfig file (outside a cluster).",
+)
+KUBERNETES_OPTION = click.option(
+    "--kubernetes/--no-kubernetes",
+    default=None,
+    envvar=_env("KUBERNETES"),
+    help="Force Kubernetes mode on or off (default: on in a cluster or with --kubeconfig).",
+)
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_files",
+    multiple=True,
+    envvar=_env("CONFIG"),
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Metric definitions (native or Istio Mixer YAML); repeatable.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="tcpacct")
 def main() -> None:
@@ -81,14 +135,7 @@ def main() -> None:
     callback=_parsed(parse_interval),
     help="Report interval: how often the kernel maps are read (>= 1 s).",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(BACKEND_CHOICES),
-    default="auto",
-    show_default=True,
-    envvar=_env("BACKEND"),
-    help="Kernel hooks; auto takes the first that works here.",
-)
+@BACKEND_OPTION
 @click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS),
@@ -104,14 +151,7 @@ def main() -> None:
     callback=_parsed(parse_capacity),
     help="Capacity of the kernel's socket map (and of its closed-socket map).",
 )
-@click.option(
-    "--config",
-    "config_files",
-    multiple=True,
-    envvar=_env("CONFIG"),
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Metric definitions (native or Istio Mixer YAML); repeatable.",
-)
+@CONFIG_OPTION
 @click.option(
     "--max-series",
     default="10000",
@@ -128,18 +168,8 @@ def main() -> None:
     callback=_parsed(parse_ttl),
     help="Expire series idle this long with no live connection (0: never).",
 )
-@click.option(
-    "--kubernetes/--no-kubernetes",
-    default=None,
-    envvar=_env("KUBERNETES"),
-    help="Force Kubernetes mode on or off (default: on in a cluster or with --kubeconfig).",
-)
-@click.option(
-    "--kubeconfig",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar=_env("KUBECONFIG"),
-    help="Kubeconfig file (outside a cluster).",
-)
+@KUBERNETES_OPTION
+@KUBECONFIG_OPTION
 @click.option(
     "--node-name",
     envvar=[_env("NODE_NAME"), "NODE_NAME"],
@@ -159,29 +189,9 @@ def main() -> None:
     envvar=_env("TRUST_DOMAIN"),
     help="SPIFFE trust domain of *_principal labels.",
 )
-@click.option(
-    "--proc-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    default="/proc",
-    show_default=True,
-    envvar=_env("PROC_ROOT"),
-    help="The host's /proc.",
-)
-@click.option(
-    "--cgroup-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    default="/sys/fs/cgroup",
-    show_default=True,
-    envvar=_env("CGROUP_ROOT"),
-)
-@click.option(
-    "--btf-path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default="/sys/kernel/btf/vmlinux",
-    show_default=True,
-    envvar=_env("BTF_PATH"),
-    help="The running kernel's BTF (struct layouts).",
-)
+@PROC_ROOT_OPTION
+@CGROUP_ROOT_OPTION
+@BTF_PATH_OPTION
 @click.option(
     "--tls-cert",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -292,24 +302,10 @@ def _has_bpf_capabilities() -> bool:
 
 
 @main.command()
-@click.option(
-    "--btf-path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default="/sys/kernel/btf/vmlinux",
-    envvar=_env("BTF_PATH"),
-    show_default=True,
-)
-@click.option(
-    "--cgroup-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    default="/sys/fs/cgroup",
-    envvar=_env("CGROUP_ROOT"),
-    show_default=True,
-)
-@click.option(
-    "--kubeconfig", type=click.Path(path_type=Path, dir_okay=False), envvar=_env("KUBECONFIG")
-)
-@click.option("--kubernetes/--no-kubernetes", default=None, envvar=_env("KUBERNETES"))
+@BTF_PATH_OPTION
+@CGROUP_ROOT_OPTION
+@KUBECONFIG_OPTION
+@KUBERNETES_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def check(
     btf_path: Path,
@@ -345,20 +341,8 @@ def check(
     "--sort", type=click.Choice(["total", "tx", "rx"]), default="total", show_default=True
 )
 @click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True)
-@click.option(
-    "--backend",
-    type=click.Choice(BACKEND_CHOICES),
-    default="auto",
-    envvar=_env("BACKEND"),
-    show_default=True,
-)
-@click.option(
-    "--proc-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    default="/proc",
-    envvar=_env("PROC_ROOT"),
-    show_default=True,
-)
+@BACKEND_OPTION
+@PROC_ROOT_OPTION
 def top(
     interval: float, once: bool, as_json: bool, sort: str, limit: int, backend: str, proc_root: Path
 ) -> None:
@@ -423,13 +407,7 @@ def config_validate(files: tuple[Path, ...]) -> None:
 
 
 @config.command("show")
-@click.option(
-    "--config",
-    "config_files",
-    multiple=True,
-    envvar=_env("CONFIG"),
-    type=click.Path(path_type=Path, dir_okay=False),
-)
+@CONFIG_OPTION
 def config_show(config_files: tuple[Path, ...]) -> None:
     """Print the effective metric definitions (built-ins plus --config files) as YAML."""
     from agent.metrics.catalogue import load_catalogue, render
