@@ -259,7 +259,17 @@ def _attach(bpf: object, plan: BackendPlan, *, byte_hooks: bool) -> None:
         elif hook.kind == "kprobe":
             bpf.attach_kprobe(event=hook.target, fn_name=hook.function)
         elif hook.kind == "kretprobe":
-            bpf.attach_kretprobe(event=hook.target, fn_name=hook.function, maxactive=64)
+            # maxactive: enough return-probe instances for many threads blocked inside
+            # tcp_sendmsg at once (a missed return would be a lost count). It makes bcc create
+            # a legacy kprobe event named after this process, which a second tracer in the
+            # same process cannot create again: then the kernel's default is used.
+            try:
+                bpf.attach_kretprobe(event=hook.target, fn_name=hook.function, maxactive=64)
+            except Exception:
+                log.warning(
+                    "kretprobe %s: maxactive=64 refused, using the kernel's default", hook.target
+                )
+                bpf.attach_kretprobe(event=hook.target, fn_name=hook.function)
         else:
             raise ValueError(f"unknown hook kind {hook.kind}")
     del BPF

@@ -58,7 +58,11 @@ def metric_sum(text: str, name: str, **labels: str) -> int:
     return total
 
 
-def wait_ready(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+# Compiling the BPF program takes ~1 s natively and up to a minute under emulation (tests/vm).
+READY_TIMEOUT = float(os.environ.get("TCPACCT_TEST_READY_TIMEOUT", "180"))
+
+
+def wait_ready(port: int, process: subprocess.Popen, timeout: float = READY_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
