@@ -87,8 +87,12 @@ def plan_backend(
     *,
     release: str,
     sys_root: Path = Path("/sys"),
+    for_attaching: bool = True,
 ) -> BackendPlan:
-    """What to compile and attach for a backend, or BackendUnavailable saying why not."""
+    """What to compile and attach for a backend, or BackendUnavailable saying why not.
+
+    ``for_attaching=False`` plans a compile only: it skips the check that the kernel has
+    kprobes (compiling needs none)."""
     lifecycle = tuple(Hook("raw_tracepoint", tp, fn) for tp, fn in LIFECYCLE_TRACEPOINTS)
     for tracepoint, _ in LIFECYCLE_TRACEPOINTS:
         if not _has_tracepoint(btf, tracepoint):
@@ -121,7 +125,8 @@ def plan_backend(
             sys_root / "kernel/tracing/kprobe_events",
             sys_root / "kernel/debug/tracing/kprobe_events",
         ]
-        if not kprobe_pmu.exists() and not any(p.exists() for p in kprobe_events):
+        missing = not kprobe_pmu.exists() and not any(p.exists() for p in kprobe_events)
+        if for_attaching and missing:
             raise BackendUnavailable(
                 name,
                 f"kprobes are not built into this kernel (no {kprobe_pmu} and no "

@@ -334,11 +334,7 @@ def compile_only(
     release = release or os.uname().release
     btf = Btf.from_path(btf_path)
     apply_headers(choose_headers(release))
-    plan = (
-        plan_backend(backend, btf, release=release, sys_root=Path("/nonexistent-sys"))
-        if backend != "kprobe"
-        else _kprobe_plan_for_compile(btf, release)
-    )
+    plan = plan_backend(backend, btf, release=release, for_attaching=False)
     try:
         bpf = _compile(plan, btf, Capacities(sockets=1024, closed=1024, listeners=64), bpf_dir)
     except Exception as error:
@@ -347,18 +343,6 @@ def compile_only(
         return explain_load_error(backend, error)
     bpf.cleanup()
     return "loaded"
-
-
-def _kprobe_plan_for_compile(btf: Btf, release: str) -> BackendPlan:
-    """The kprobe plan without the 'kprobes present' check (compiling needs none)."""
-    fake_sys = Path("/")
-    try:
-        return plan_backend("kprobe", btf, release=release, sys_root=fake_sys / "sys")
-    except BackendUnavailable:
-        from agent.ebpf.backends import _tcp_function_cflags
-
-        cflags, _ = _tcp_function_cflags(btf, release)
-        return BackendPlan("kprobe", "tcpacct.c", ("-DBACKEND_KPROBE=1", *cflags))
 
 
 __all__ = [
