@@ -229,7 +229,18 @@ class KernelTracer:
             if self._closed:
                 return
             self._closed = True
-            self._bpf.cleanup()
+            bpf = self._bpf
+            for _ in range(16):
+                try:
+                    bpf.cleanup()
+                    return
+                except Exception as error:
+                    # bcc stops at the first probe it cannot remove, e.g. a legacy kprobe event
+                    # that belongs to another tracer of this process (a name clash: the
+                    # perf event of ours is closed by then). Skip it and go on with the rest.
+                    log.warning("detaching: %s; going on with the rest", error)
+                    for name in [name for name, fds in bpf.kprobe_fds.items() if not fds]:
+                        del bpf.kprobe_fds[name]
 
 
 def _compile(plan: BackendPlan, btf: Btf, capacities: Capacities, bpf_dir: Path) -> object:
