@@ -70,7 +70,6 @@ class _Tracked:
     waited: int = 0  # polls held back waiting for a name
     last_sample: SocketSample | None = None  # kept only while held back
     last_seen: SocketSample | None = None  # the sample in the peer index
-    missing: int = 0  # consecutive polls absent from both maps
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +226,6 @@ class Accountant:
         if tracked is None:
             tracked = self._revive(sid) or _Tracked()
             self._tracked[sid] = tracked
-        tracked.missing = 0
         tracked.role = sample.role
         last = tracked.last_seen
         if last is not None and (last.local, last.remote) != (sample.local, sample.remote):
@@ -352,7 +350,6 @@ class Accountant:
         self._missing = {sid: self._missing.get(sid, 0) + 1 for sid in absent}
         for sid, polls in list(self._missing.items()):
             tracked = self._tracked[sid]
-            tracked.missing = polls
             if polls < MISSING_POLLS_BEFORE_SPILLED:
                 # Its spill may already be in the kernel counters read this poll: what was
                 # counted for it must not be exported as unattributed meanwhile.
@@ -400,7 +397,6 @@ class Accountant:
         tracked, _ = entry
         self._unattributed.spilled_baseline_sent -= tracked.sent
         self._unattributed.spilled_baseline_received -= tracked.received
-        tracked.missing = 0
         return tracked
 
     def _fold_kernel_counters(self, poll: KernelPoll) -> None:

@@ -7,6 +7,7 @@ next successful poll counts everything since the last one.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import threading
 import time
@@ -20,7 +21,15 @@ from agent.serving import Health
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+def _version() -> str:
+    """The installed package's version (pyproject.toml), not a second copy of it."""
+    try:
+        return importlib.metadata.version("tcpacct")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version()
 
 
 @dataclass
