@@ -52,7 +52,8 @@
 #define C_SPILLED_SENT 3
 #define C_SPILLED_RECEIVED 4
 #define C_SPILLED_SOCKETS 5
-#define C_COUNT 6
+#define C_CHANGES_LOST 6   // `changed` was full: user space reads the whole socket map
+#define C_COUNT 7
 
 #define DIR_SENT 0
 #define DIR_RECEIVED 1
@@ -71,6 +72,8 @@ struct sock_info {
     u32 netns;         // network namespace inode number
     u32 tgid;          // process that connected/listened/moved bytes, 0 until known
     char comm[16];
+    u32 changed_in;    // the poll round in which the entry last went into `changed`
+    u32 reserved;
 };
 
 struct listener_key {
@@ -89,12 +92,31 @@ BPF_HASH(closed, u64, struct sock_info, MAX_CLOSED);
 BPF_HASH(listeners, struct listener_key, struct process_info, MAX_LISTENERS);
 BPF_PERCPU_ARRAY(counters, u64, C_COUNT);
 BPF_ARRAY(next_id, u64, 1);
+// Incremental reads: the first change of an entry in a poll round puts its key into
+// `changed`. User space bumps `poll_round`, then drains `changed` and reads only those
+// entries, so an idle socket costs a poll nothing. A change after the bump marks the entry
+// again for the next round; counts are added before the mark is checked, so a read that
+// follows the bump sees every byte whose mark it skipped.
+BPF_ARRAY(poll_round, u32, 1);
+BPF_HASH(changed, u64, u8, MAX_SOCKETS);
 
 static __always_inline void count(u32 index, u64 value)
 {
     u64 *counter = counters.lookup(&index);
     if (counter)
         __sync_fetch_and_add(counter, value); // a softirq may interrupt us on this CPU
+}
+
+static __always_inline void mark_changed(u64 key, struct sock_info *entry)
+{
+    int zero = 0;
+    u32 *round = poll_round.lookup(&zero);
+    if (!round || entry->changed_in == *round)
+        return;
+    entry->changed_in = *round;
+    u8 one = 1;
+    if (changed.update(&key, &one) != 0)
+        count(C_CHANGES_LOST, 1);
 }
 
 static __always_inline u16 sock_protocol(void *sk)
@@ -172,7 +194,10 @@ static __always_inline struct sock_info *track(void *sk, u8 role, u8 flags)
             count(C_UNTRACKED_SOCKETS, 1);
         return raced;
     }
-    return socks.lookup(&key);
+    struct sock_info *entry = socks.lookup(&key);
+    if (entry)
+        mark_changed(key, entry);
+    return entry;
 }
 
 // The socket is finished: its entry leaves `socks` first, then its final counts enter
@@ -220,6 +245,7 @@ static __always_inline void count_bytes(void *sk, u64 bytes, int direction)
         __sync_fetch_and_add(&entry->sent, bytes);
     else
         __sync_fetch_and_add(&entry->received, bytes);
+    mark_changed(key, entry);
 }
 
 // raw tracepoint sock:inet_sock_set_state(const struct sock *sk, int oldstate, int newstate).
@@ -267,6 +293,7 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
             entry->flags &= ~F_CLOSED; // a failed attempt before this one
             if (!entry->tgid)
                 set_current_process(entry);
+            mark_changed(key, entry);
         }
         return 0;
     }
@@ -287,10 +314,14 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
                 __builtin_memcpy(entry->comm, owner->comm, sizeof(entry->comm));
             }
         }
+        if (entry)
+            mark_changed(key, entry);
         return 0;
     }
-    if (newstate == TCP_CLOSE_ && entry)
+    if (newstate == TCP_CLOSE_ && entry) {
         entry->flags |= F_CLOSED;
+        mark_changed(key, entry);
+    }
     return 0;
 }
 

@@ -19,7 +19,8 @@ AF_INET6 = socket.AF_INET6  # 10
 # Indices of the `counters` per-CPU array (bpf/common.h C_*).
 C_UNTRACKED_SENT, C_UNTRACKED_RECEIVED, C_UNTRACKED_SOCKETS = 0, 1, 2
 C_SPILLED_SENT, C_SPILLED_RECEIVED, C_SPILLED_SOCKETS = 3, 4, 5
-C_COUNT = 6
+C_CHANGES_LOST = 6  # the `changed` map was full: the reader must read the whole socket map
+C_COUNT = 7
 
 
 class SockInfo(ctypes.Structure):
@@ -39,6 +40,8 @@ class SockInfo(ctypes.Structure):
         ("netns", ctypes.c_uint32),
         ("tgid", ctypes.c_uint32),
         ("comm", ctypes.c_char * 16),
+        ("changed_in", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
     ]
 
 
@@ -76,7 +79,7 @@ def decode_comm(raw: bytes) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-SOCK_INFO = struct.Struct("<QQQ16s16sHHHBBII16s")  # struct sock_info, 88 bytes
+SOCK_INFO = struct.Struct("<QQQ16s16sHHHBBII16s8x")  # struct sock_info, 96 bytes
 _ROLES = {int(role): role for role in Role}
 _FLAGS = {value: SocketFlag(value) for value in range(16)}
 
@@ -87,7 +90,7 @@ def decode_sample(info: SockInfo) -> SocketSample:
 
 
 def decode_raw(raw: bytes | memoryview) -> SocketSample:
-    """The 88 bytes of a ``struct sock_info`` -> SocketSample (the per-poll hot path).
+    """The 96 bytes of a ``struct sock_info`` -> SocketSample (the per-poll hot path).
 
     id 7, 100 bytes sent, 20 received, 127.0.0.1:5000 -> 127.0.0.1:80, client, OPENED,
     netns 4026531840, pid 42, comm "curl" -> ``SocketSample(7, 100, 20,

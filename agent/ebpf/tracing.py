@@ -14,7 +14,6 @@ import ctypes
 import errno
 import logging
 import os
-import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from agent.ebpf.backends import (
 )
 from agent.ebpf.btf import Btf
 from agent.ebpf.decoding import (
+    C_CHANGES_LOST,
     C_COUNT,
     SockInfo,
     decode_comm,
@@ -43,9 +43,7 @@ from agent.model import KernelPoll, ListeningSocket, SocketSample
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-SOCK_INFO_SIZE = ctypes.sizeof(SockInfo)  # 88
-_ENTRY_WORDS = SOCK_INFO_SIZE // 8  # struct sock_info as 64-bit words
-_CHUNK = struct.Struct(f"{SOCK_INFO_SIZE}s")
+SOCK_INFO_SIZE = ctypes.sizeof(SockInfo)  # 96
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,16 +57,19 @@ class _BatchReader:
     """Reads a whole BPF hash map with BPF_MAP_LOOKUP[_AND_DELETE]_BATCH into buffers
     allocated once (bcc's own helper allocates per call and aliases its batch token)."""
 
-    def __init__(self, lib: ctypes.CDLL, map_fd: int, key_size: int, capacity: int) -> None:
+    def __init__(
+        self, lib: ctypes.CDLL, map_fd: int, key_size: int, value_size: int, capacity: int
+    ) -> None:
         self._lib = lib
         self._fd = map_fd
         self._key_size = key_size
+        self._value_size = value_size
         self._capacity = capacity
         self._keys = (ctypes.c_uint8 * (key_size * capacity))()
-        self._values = (ctypes.c_uint8 * (SOCK_INFO_SIZE * capacity))()
+        self._values = (ctypes.c_uint8 * (value_size * capacity))()
 
-    def read(self, *, delete: bool) -> memoryview:
-        """Raw values of every entry (deleted as read when ``delete``)."""
+    def read(self, *, delete: bool) -> tuple[memoryview, memoryview]:
+        """Raw keys and values of every entry (deleted as read when ``delete``)."""
         call = self._lib.bpf_lookup_and_delete_batch if delete else self._lib.bpf_lookup_batch
         in_token, out_token, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
         total, first = 0, True
@@ -79,7 +80,7 @@ class _BatchReader:
                 None if first else ctypes.byref(in_token),
                 ctypes.byref(out_token),
                 ctypes.byref(self._keys, self._key_size * total),
-                ctypes.byref(self._values, SOCK_INFO_SIZE * total),
+                ctypes.byref(self._values, self._value_size * total),
                 ctypes.byref(count),
             )
             error = ctypes.get_errno()
@@ -91,11 +92,39 @@ class _BatchReader:
                     break  # a bucket larger than the space left: the rest next poll
                 raise OSError(error, f"BPF map batch read failed: {os.strerror(error)}")
             in_token.value, first = out_token.value, False
-        return memoryview(self._values)[: total * SOCK_INFO_SIZE]
+        return (
+            memoryview(self._keys)[: total * self._key_size],
+            memoryview(self._values)[: total * self._value_size],
+        )
+
+
+class _EntryReader:
+    """Looks up single ``socks`` entries by key into one buffer allocated once."""
+
+    def __init__(self, lib: ctypes.CDLL, map_fd: int) -> None:
+        self._lookup = lib.bpf_lookup_elem
+        self._fd = map_fd
+        self._key = ctypes.c_uint64(0)
+        self._key_ref = ctypes.byref(self._key)
+        self._value = (ctypes.c_uint8 * SOCK_INFO_SIZE)()
+
+    def read(self, key: int) -> bytes | None:
+        """The raw entry at ``key``, or None when there is none (the socket was retired)."""
+        self._key.value = key
+        if self._lookup(self._fd, self._key_ref, self._value) != 0:
+            return None
+        return bytes(self._value)
 
 
 class KernelTracer:
-    """The attached programs and their maps (implements ``agent.model.KernelReader``)."""
+    """The attached programs and their maps (implements ``agent.model.KernelReader``).
+
+    Polls are incremental: the kernel puts the key of every entry that changed since the
+    last poll into its ``changed`` map, and only those entries are read and decoded. The
+    whole socket map is read on the first poll, and again whenever the kernel could not
+    record a change (``changed`` full) or a finished socket's record was spilled (it left
+    the socket map without a record telling user space).
+    """
 
     def __init__(self, bpf: object, plan: BackendPlan, capacities: Capacities) -> None:
         from bcc import libbcc
@@ -106,12 +135,18 @@ class KernelTracer:
         self._lock = threading.Lock()
         self._closed = False
         lib = libbcc.lib
-        self._socks = _BatchReader(lib, bpf["socks"].map_fd, 8, capacities.sockets)
-        self._finished = _BatchReader(lib, bpf["closed"].map_fd, 8, capacities.closed)
+        self._socks = _BatchReader(lib, bpf["socks"].map_fd, 8, SOCK_INFO_SIZE, capacities.sockets)
+        self._entries = _EntryReader(lib, bpf["socks"].map_fd)
+        self._changes = _BatchReader(lib, bpf["changed"].map_fd, 8, 1, capacities.sockets)
+        self._finished = _BatchReader(
+            lib, bpf["closed"].map_fd, 8, SOCK_INFO_SIZE, capacities.closed
+        )
         self._counters = bpf["counters"]
+        self._round_table = bpf["poll_round"]
+        self._round = 0
+        self._seen_lost = self._seen_spilled = -1  # -1: the first poll reads everything
+        self._full_reads = 0
         self._samples: dict[int, SocketSample] = {}  # id -> last decoded sample (live)
-        self._chunks: set[tuple[bytes]] = set()  # the live entries of the last poll, raw
-        self._live_entries = 0
         self._drained: list[SocketSample] = []
         self._max_drained = 4 * capacities.closed
         self._closed_peak = 0  # most closed entries found by one drain
@@ -125,29 +160,46 @@ class KernelTracer:
             for offset in range(0, len(raw), SOCK_INFO_SIZE)
         ]
 
-    def _read_live(
-        self, raw: memoryview
-    ) -> tuple[tuple[SocketSample, ...], list[SocketSample], dict[int, SocketSample]]:
-        """All live samples and the ones that changed since the last poll.
+    def _next_round(self) -> None:
+        """Entries changed from now on are marked again (bpf/tcpacct.c mark_changed)."""
+        self._round = (self._round + 1) & 0xFFFFFFFF
+        self._round_table[ctypes.c_int(0)] = ctypes.c_uint32(self._round)
 
-        The unchanged majority is found by C-level set operations on the raw entries (88
-        bytes each: an entry whose bytes are the same as last poll's is unchanged); only new
-        or changed entries are decoded into Python objects.
-        """
-        chunks = set(_CHUNK.iter_unpack(raw))  # whole entries as bytes, compared in C
-        fresh = chunks - self._chunks
-        self._chunks = chunks
-        samples = self._samples
-        if fresh or len(chunks) != len(samples):
-            current = set(raw.cast("B").cast("Q")[0::_ENTRY_WORDS])
-            for sid in samples.keys() - current:
-                del samples[sid]
-        changed: list[SocketSample] = []
-        for (chunk,) in fresh:
-            sample = decode_raw(chunk)
+    def _read_everything(self) -> list[SocketSample]:
+        """Every live entry, decoded; returns the ones that differ from the last poll."""
+        _, raw = self._socks.read(delete=False)
+        before = self._samples
+        samples = {}
+        changed = []
+        for offset in range(0, len(raw), SOCK_INFO_SIZE):
+            sample = decode_raw(raw[offset : offset + SOCK_INFO_SIZE])
             samples[sample.socket_id] = sample
-            changed.append(sample)
-        return tuple(samples.values()), changed, dict(samples)
+            if before.get(sample.socket_id) != sample:
+                changed.append(sample)
+        self._samples = samples
+        self._full_reads += 1
+        return changed
+
+    def _read_changed(self, keys: set[int]) -> list[SocketSample]:
+        """The entries at ``keys``: one lookup each, or one batch read of the whole map
+        when so many changed that a batch read is cheaper."""
+        changed = []
+        if len(keys) > max(1024, len(self._samples) // 8):
+            raw_keys, raw = self._socks.read(delete=False)
+            for index, key in enumerate(raw_keys.cast("B").cast("Q")):
+                if key in keys:
+                    offset = index * SOCK_INFO_SIZE
+                    changed.append(decode_raw(raw[offset : offset + SOCK_INFO_SIZE]))
+        else:
+            read = self._entries.read
+            for key in keys:
+                entry = read(key)
+                if entry is not None:
+                    changed.append(decode_raw(entry))
+        samples = self._samples
+        for sample in changed:
+            samples[sample.socket_id] = sample
+        return changed
 
     def poll(self) -> KernelPoll:
         """Counters, then live sockets, then sockets finished since the last poll (drained
@@ -155,15 +207,25 @@ class KernelTracer:
         with self._lock:
             if self._closed:
                 raise RuntimeError("tracer is closed")
-            counters = decode_counters(
-                [int(self._counters.sum(ctypes.c_int(i)).value) for i in range(C_COUNT)]
-            )
-            live, changed, by_id = self._read_live(self._socks.read(delete=False))
-            self._live_entries = len(live)
+            sums = [int(self._counters.sum(ctypes.c_int(i)).value) for i in range(C_COUNT)]
+            counters = decode_counters(sums)
+            lost, spilled = sums[C_CHANGES_LOST], counters.spilled_sockets
+            everything = (lost, spilled) != (self._seen_lost, self._seen_spilled)
+            self._seen_lost, self._seen_spilled = lost, spilled
+            self._next_round()
+            raw_keys, _ = self._changes.read(delete=True)
+            if everything:
+                changed = self._read_everything()
+            else:
+                changed = self._read_changed(set(raw_keys.cast("B").cast("Q")))
             finished = self._drained
-            finished.extend(self._decode_finished(self._finished.read(delete=True)))
+            finished.extend(self._decode_finished(self._finished.read(delete=True)[1]))
             self._drained = []
-        return KernelPoll(counters, live, tuple(finished), tuple(changed), by_id)
+            samples = self._samples
+            for sample in finished:
+                samples.pop(sample.socket_id, None)
+            by_id = dict(samples)
+        return KernelPoll(counters, tuple(by_id.values()), tuple(finished), tuple(changed), by_id)
 
     def drain(self) -> int:
         """Move finished sockets' final counts out of the kernel's closed map into memory.
@@ -179,7 +241,7 @@ class KernelTracer:
                 # Accounting is behind: leave the rest in the kernel's closed map (past its
                 # capacity the kernel spills them into counted totals) so memory stays bounded.
                 return 0
-            raw = self._finished.read(delete=True)
+            raw = self._finished.read(delete=True)[1]
             if not raw:
                 return 0
             samples = self._decode_finished(raw)
@@ -200,7 +262,7 @@ class KernelTracer:
 
     def map_usage(self) -> Mapping[str, tuple[int, int]]:
         return {
-            "socks": (self._live_entries, self.capacities.sockets),
+            "socks": (len(self._samples), self.capacities.sockets),
             "closed": (self._closed_peak, self.capacities.closed),
         }
 

@@ -152,10 +152,11 @@ def test_decode_sample_keeps_known_flags_only() -> None:
 
 def test_sock_info_layout_matches_the_c_struct() -> None:
     """bpf/tcpacct.c struct sock_info: 3 u64, two 16-byte addresses, ports, family, role,
-    flags, netns, tgid, comm[16] -> 96 bytes with natural alignment."""
-    assert ctypes.sizeof(SockInfo) == 3 * 8 + 32 + 2 * 3 + 2 + 4 + 4 + 16
+    flags, netns, tgid, comm[16], changed_in, reserved -> 96 bytes with natural alignment."""
+    assert ctypes.sizeof(SockInfo) == 3 * 8 + 32 + 2 * 3 + 2 + 4 + 4 + 16 + 4 + 4
     assert SockInfo.local_port.offset == 56
     assert SockInfo.comm.offset == 72
+    assert SockInfo.changed_in.offset == 88
 
 
 def test_decode_sample_from_a_raw_buffer() -> None:
