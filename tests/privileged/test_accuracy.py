@@ -314,3 +314,40 @@ def test_ten_thousand_sequential_short_connections(harness):
     response = sum(i % 5 + 1 for i in range(count))
     assert_connection(harness, service, request, response, connections=count)
     assert harness.accountant.stats().unattributed_sent_bytes == 0
+
+
+def test_a_poll_reads_only_the_sockets_that_changed(harness):
+    """Incremental polls: after one connection of 40 moves bytes, the poll's changed
+    samples are exactly its two ends; idle sockets stay live without being re-read."""
+    with listener() as lsock:
+        pairs = [connect_pair(lsock) for _ in range(40)]
+        try:
+            for client, server in pairs:
+                exchange(client, server, 10, 20)
+            harness.poll(2)
+            port = lsock.getsockname()[1]
+            ours = {
+                s.socket_id
+                for s in harness.tracer.poll().live
+                if port in (s.local.port, s.remote.port)
+            }
+            assert len(ours) == 80
+            client, server = pairs[7]
+            exchange(client, server, 3, 4)
+            result = harness.tracer.poll()
+            changed = [s for s in result.changed if port in (s.local.port, s.remote.port)]
+            ends = {(s.local.port, s.sent_bytes, s.received_bytes) for s in changed}
+            assert ends == {
+                (client.getsockname()[1], 13, 24),
+                (port, 24, 13),
+            }
+            assert ours <= {s.socket_id for s in result.live}
+            harness.accountant.apply(result)
+            harness.settle()
+            assert_connection(
+                harness, service_of(("127.0.0.1", port)), 40 * 10 + 3, 40 * 20 + 4, 40, 0
+            )
+        finally:
+            for client, server in pairs:
+                client.close()
+                server.close()
