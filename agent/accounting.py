@@ -72,6 +72,19 @@ class _Tracked:
     last_seen: SocketSample | None = None  # the sample in the peer index
 
 
+def _identity_changed(last: SocketSample | None, sample: SocketSample) -> bool:
+    """Whether what the peer index answers with differs (anything but the counts)."""
+    return last is None or (
+        last.local != sample.local
+        or last.remote != sample.remote
+        or last.netns != sample.netns
+        or last.pid != sample.pid
+        or last.comm != sample.comm
+        or last.role != sample.role
+        or last.flags != sample.flags
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class FamilySnapshot:
     """One metric's series at a moment: what the exporter turns into a metric family."""
@@ -203,8 +216,11 @@ class Accountant:
                 pending = (live_ids - self._tracked.keys()) | (self._held & live_ids)
                 pending -= {sample.socket_id for sample in poll.changed}
                 todo = [*poll.changed, *(by_id[sid] for sid in pending)]
+            tracked = self._tracked
             for sample in todo:
-                peers.put(sample)
+                known = tracked.get(sample.socket_id)
+                if known is None or _identity_changed(known.last_seen, sample):
+                    peers.put(sample)  # only counts moved: the index already holds it
             for sample in poll.finished:
                 peers.put(sample)
             for sample in todo:

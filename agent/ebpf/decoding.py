@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from agent.model import Endpoint, KernelCounters, Role, SocketFlag, SocketSample
 
@@ -124,6 +124,84 @@ def decode_raw(raw: bytes | memoryview) -> SocketSample:
         tgid,
         decode_comm(comm),
     )
+
+
+class SampleDecoder:
+    """:func:`decode_raw` for repeated reads of the same sockets (the incremental poll).
+
+    Address and task-name texts are cached by their raw bytes (a node has few distinct
+    addresses and names), and a socket whose endpoints did not change keeps the Endpoint
+    objects of its previous sample, so a busy socket costs one unpack and one constructor.
+    ``decode(raw, {7: previous})`` -> the same SocketSample ``decode_raw(raw)`` gives.
+    """
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self._limit = limit
+        self._addresses: dict[tuple[int, bytes], str] = {}
+        self._comms: dict[bytes, str] = {}
+
+    def _address(self, family: int, raw: bytes) -> str:
+        key = (family, raw)
+        text = self._addresses.get(key)
+        if text is None:
+            if len(self._addresses) >= self._limit:
+                self._addresses.clear()
+            text = self._addresses[key] = decode_address(family, raw)
+        return text
+
+    def decode(self, raw: bytes | memoryview, previous: Mapping[int, SocketSample]) -> SocketSample:
+        (
+            sid,
+            sent,
+            received,
+            local,
+            remote,
+            local_port,
+            remote_port,
+            family,
+            role,
+            flags,
+            netns,
+            tgid,
+            comm,
+        ) = SOCK_INFO.unpack(raw)
+        local_address = self._address(family, local)
+        remote_address = self._address(family, remote)
+        local_port, remote_port = socket.ntohs(local_port), socket.ntohs(remote_port)
+        before = previous.get(sid)
+        if (
+            before is not None
+            and before.local.port == local_port
+            and (before.local.address == local_address)
+        ):
+            local_end = before.local
+        else:
+            local_end = Endpoint(local_address, local_port)
+        if (
+            before is not None
+            and before.remote.port == remote_port
+            and (before.remote.address == remote_address)
+        ):
+            remote_end = before.remote
+        else:
+            remote_end = Endpoint(remote_address, remote_port)
+        name = self._comms.get(comm)
+        if name is None:
+            if len(self._comms) >= self._limit:
+                self._comms.clear()
+            name = self._comms[comm] = decode_comm(comm)
+        return SocketSample(
+            sid,
+            sent,
+            received,
+            local_end,
+            remote_end,
+            _ROLES.get(role, Role.UNKNOWN),
+            _FLAGS[flags & 0xF],
+            netns,
+            tgid,
+            name,
+        )
 
 
 def decode_counters(per_index_sums: Sequence[int]) -> KernelCounters:

@@ -30,6 +30,7 @@ from agent.ebpf.btf import Btf
 from agent.ebpf.decoding import (
     C_CHANGES_LOST,
     C_COUNT,
+    SampleDecoder,
     SockInfo,
     decode_comm,
     decode_counters,
@@ -147,6 +148,7 @@ class KernelTracer:
         self._seen_lost = self._seen_spilled = -1  # -1: the first poll reads everything
         self._full_reads = 0
         self._samples: dict[int, SocketSample] = {}  # id -> last decoded sample (live)
+        self._decoder = SampleDecoder()
         self._drained: list[SocketSample] = []
         self._max_drained = 4 * capacities.closed
         self._closed_peak = 0  # most closed entries found by one drain
@@ -171,8 +173,9 @@ class KernelTracer:
         before = self._samples
         samples = {}
         changed = []
+        decode = self._decoder.decode
         for offset in range(0, len(raw), SOCK_INFO_SIZE):
-            sample = decode_raw(raw[offset : offset + SOCK_INFO_SIZE])
+            sample = decode(raw[offset : offset + SOCK_INFO_SIZE], before)
             samples[sample.socket_id] = sample
             if before.get(sample.socket_id) != sample:
                 changed.append(sample)
@@ -184,19 +187,20 @@ class KernelTracer:
         """The entries at ``keys``: one lookup each, or one batch read of the whole map
         when so many changed that a batch read is cheaper."""
         changed = []
-        if len(keys) > max(1024, len(self._samples) // 8):
+        samples = self._samples
+        decode = self._decoder.decode
+        if len(keys) > max(1024, len(samples) // 8):
             raw_keys, raw = self._socks.read(delete=False)
             for index, key in enumerate(raw_keys.cast("B").cast("Q")):
                 if key in keys:
                     offset = index * SOCK_INFO_SIZE
-                    changed.append(decode_raw(raw[offset : offset + SOCK_INFO_SIZE]))
+                    changed.append(decode(raw[offset : offset + SOCK_INFO_SIZE], samples))
         else:
             read = self._entries.read
             for key in keys:
                 entry = read(key)
                 if entry is not None:
-                    changed.append(decode_raw(entry))
-        samples = self._samples
+                    changed.append(decode(entry, samples))
         for sample in changed:
             samples[sample.socket_id] = sample
         return changed

@@ -12,6 +12,7 @@ import pytest
 from agent.ebpf.decoding import (
     AF_INET,
     AF_INET6,
+    SampleDecoder,
     SockInfo,
     decode_address,
     decode_comm,
@@ -137,9 +138,10 @@ def test_decode_sample_comm_with_nul_and_invalid_utf8() -> None:
     assert decode_sample(info).comm == "py\ufffdthon"
 
 
-@pytest.mark.parametrize(("raw", "role"), [(0, Role.UNKNOWN), (1, Role.CLIENT),
-                                           (2, Role.SERVER), (3, Role.UNKNOWN),
-                                           (255, Role.UNKNOWN)])
+@pytest.mark.parametrize(
+    ("raw", "role"),
+    [(0, Role.UNKNOWN), (1, Role.CLIENT), (2, Role.SERVER), (3, Role.UNKNOWN), (255, Role.UNKNOWN)],
+)
 def test_decode_sample_role(raw: int, role: Role) -> None:
     info = sock_info(AF_INET, ("127.0.0.1", 1), ("127.0.0.1", 2), role=raw)
     assert decode_sample(info).role is role
@@ -184,3 +186,39 @@ def test_decode_counters_pads_a_short_read_with_zeros() -> None:
 
 def test_network_order_helper_agrees_with_socket_module() -> None:
     assert raw_port(80) == socket.htons(80)
+
+
+@pytest.mark.parametrize(
+    ("family", "local", "remote"),
+    [
+        (AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000)),
+        (AF_INET6, ("2001:db8::1", 443), ("2001:db8::2", 40000)),
+        (AF_INET6, ("::ffff:127.0.0.1", 80), ("::ffff:127.0.0.1", 5000)),
+    ],
+)
+def test_sample_decoder_decodes_as_decode_raw(family, local, remote) -> None:
+    info = sock_info(family, local, remote, comm=b"py\xffthon")
+    assert SampleDecoder().decode(bytes(info), {}) == decode_sample(info)
+
+
+def test_sample_decoder_keeps_endpoints_of_an_unchanged_socket() -> None:
+    decoder = SampleDecoder()
+    info = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000))
+    first = decoder.decode(bytes(info), {})
+    info.sent += 5
+    second = decoder.decode(bytes(info), {first.socket_id: first})
+    assert second.sent_bytes == first.sent_bytes + 5
+    assert second.local is first.local and second.remote is first.remote
+    info.local_port = raw_port(8081)  # a changed endpoint is a new one
+    third = decoder.decode(bytes(info), {first.socket_id: second})
+    assert third.local == Endpoint("198.18.0.9", 8081) and third.remote is first.remote
+
+
+def test_sample_decoder_caches_stay_bounded() -> None:
+    decoder = SampleDecoder(limit=4)
+    for port in range(10):
+        info = sock_info(
+            AF_INET, (f"198.18.0.{port}", port), ("198.18.1.1", 80), comm=b"c%d" % port
+        )
+        assert decoder.decode(bytes(info), {}).local == Endpoint(f"198.18.0.{port}", port)
+    assert len(decoder._addresses) <= 4 and len(decoder._comms) <= 4
