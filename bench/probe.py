@@ -198,28 +198,18 @@ class ProbedAgent:
         }
 
     def detach(self) -> None:
-        """Detach every hook; the BPF programs and maps stay loaded.
-
-        Uses the tracer's bcc object (tcpacct's tracer has no public detach: it only ever
-        detaches everything at close).
-        """
-        bpf = self.tracer._bpf
+        """Detach every hook; the BPF programs and maps stay loaded."""
         with self.lock:
             if not self.attached.is_set():
                 return
-            for hook in reversed(self.hooks):
-                if hook.kind != "raw_tracepoint":
-                    raise RuntimeError(f"cannot toggle {hook.kind} hooks")
-                bpf.detach_raw_tracepoint(tp=hook.target)
+            self.tracer.detach_hooks()
             self.attached.clear()
 
     def attach(self) -> None:
-        bpf = self.tracer._bpf
         with self.lock:
             if self.attached.is_set():
                 return
-            for hook in self.hooks:
-                bpf.attach_raw_tracepoint(tp=hook.target, fn_name=hook.function)
+            self.tracer.attach_hooks()
             self.attached.set()
 
     def close(self) -> None:

@@ -1,10 +1,17 @@
-"""Load, attach, read and detach the BPF programs: the only module that imports bcc.
+"""Load, attach, read and detach the BPF programs.
 
 ``open_tracer(...)`` picks a backend (the first of tracepoint, fentry, kprobe that loads and
-attaches, or the one forced), compiles bpf/<backend>.c with BTF offsets as cflags, attaches
+attaches, or the one forced), compiles bpf/tcpacct.c with BTF offsets as cflags, attaches
 the lifecycle hooks, seeds the listening sockets, attaches the byte hooks and returns a
 :class:`KernelTracer` whose ``poll()`` reads counters, live sockets and finished sockets, in
 that order.
+
+The tracepoint backend (every hook a raw tracepoint) never brings bcc into the agent: the
+program is compiled by a child process into the compile cache (:mod:`agent.ebpf.compiling`;
+once per program, kernel and configuration) and loaded with bpf(2) alone
+(:mod:`agent.ebpf.loading`). fentry and kprobe programs are loaded and attached by bcc in
+this process (their attachment needs bcc's BTF and perf-event plumbing). Either way maps
+are read with bpf(2) (:mod:`agent.ebpf.syscalls`).
 """
 
 from __future__ import annotations
@@ -12,21 +19,29 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import importlib.util
 import logging
 import os
+import struct
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from agent.ebpf.backends import (
     BACKENDS,
     BackendPlan,
     BackendUnavailable,
+    Hook,
     explain_load_error,
     plan_backend,
 )
 from agent.ebpf.btf import Btf
+from agent.ebpf.compiled import CompiledProgram, cache_key, read_cached
+from agent.ebpf.compiling import compile_in_child
 from agent.ebpf.decoding import (
     C_CHANGES_LOST,
     C_COUNT,
@@ -38,13 +53,27 @@ from agent.ebpf.decoding import (
     encode_port,
 )
 from agent.ebpf.headers import apply_headers, choose_headers
+from agent.ebpf.loading import LoadedProgram
 from agent.ebpf.offsets import kernel_layout
+from agent.ebpf.syscalls import (
+    BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+    BPF_MAP_LOOKUP_BATCH,
+    BatchAttr,
+    MapHandle,
+    bpf_errno,
+    possible_cpus,
+)
 from agent.model import KernelPoll, ListeningSocket, SocketSample
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOCK_INFO_SIZE = ctypes.sizeof(SockInfo)  # 96
+COMPILE_CACHE = Path("/var/cache/tcpacct/bpf")
+MAPS = ("socks", "closed", "listeners", "counters", "next_id", "poll_round", "changed")
+LISTENER_KEY = struct.Struct("<IHH")  # struct listener_key
+PROCESS_INFO = struct.Struct("<I16s")  # struct process_info
+U32 = struct.Struct("<I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,65 +85,106 @@ class Capacities:
 
 class _BatchReader:
     """Reads a whole BPF hash map with BPF_MAP_LOOKUP[_AND_DELETE]_BATCH into buffers
-    allocated once (bcc's own helper allocates per call and aliases its batch token)."""
+    allocated once."""
 
-    def __init__(
-        self, lib: ctypes.CDLL, map_fd: int, key_size: int, value_size: int, capacity: int
-    ) -> None:
-        self._lib = lib
-        self._fd = map_fd
+    def __init__(self, map_fd: int, key_size: int, value_size: int, capacity: int) -> None:
         self._key_size = key_size
         self._value_size = value_size
         self._capacity = capacity
-        self._keys = (ctypes.c_uint8 * (key_size * capacity))()
-        self._values = (ctypes.c_uint8 * (value_size * capacity))()
+        self._keys = ctypes.create_string_buffer(key_size * capacity)
+        self._values = ctypes.create_string_buffer(value_size * capacity)
+        self._tokens = (ctypes.c_uint64 * 2)()  # in, out
+        self._attr = BatchAttr(map_fd=map_fd)
 
     def read(self, *, delete: bool) -> tuple[memoryview, memoryview]:
         """Raw keys and values of every entry (deleted as read when ``delete``)."""
-        call = self._lib.bpf_lookup_and_delete_batch if delete else self._lib.bpf_lookup_batch
-        in_token, out_token, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
+        command = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
+        attr, tokens = self._attr, self._tokens
+        in_token, out_token = ctypes.addressof(tokens), ctypes.addressof(tokens) + 8
+        keys, values = ctypes.addressof(self._keys), ctypes.addressof(self._values)
         total, first = 0, True
         while total < self._capacity:
-            count.value = self._capacity - total
-            result = call(
-                self._fd,
-                None if first else ctypes.byref(in_token),
-                ctypes.byref(out_token),
-                ctypes.byref(self._keys, self._key_size * total),
-                ctypes.byref(self._values, self._value_size * total),
-                ctypes.byref(count),
-            )
-            error = ctypes.get_errno()
-            total += count.value
-            if result != 0:
-                if error == errno.ENOENT:
-                    break  # the whole map was read
-                if error == errno.ENOSPC and count.value == 0:
-                    break  # a bucket larger than the space left: the rest next poll
+            attr.in_batch = 0 if first else in_token
+            attr.out_batch = out_token
+            attr.keys = keys + self._key_size * total
+            attr.values = values + self._value_size * total
+            attr.count = self._capacity - total
+            error = bpf_errno(command, attr)
+            total += attr.count
+            if error == errno.ENOENT:
+                break  # the whole map was read
+            if error == errno.ENOSPC and attr.count == 0:
+                break  # a bucket larger than the space left: the rest next poll
+            if error:
                 raise OSError(error, f"BPF map batch read failed: {os.strerror(error)}")
-            in_token.value, first = out_token.value, False
+            tokens[0], first = tokens[1], False
         return (
-            memoryview(self._keys)[: total * self._key_size],
-            memoryview(self._values)[: total * self._value_size],
+            memoryview(self._keys).cast("B")[: total * self._key_size],
+            memoryview(self._values).cast("B")[: total * self._value_size],
         )
 
 
-class _EntryReader:
-    """Looks up single ``socks`` entries by key into one buffer allocated once."""
+class _Program(Protocol):
+    """A loaded program: its maps' fds, hooks to attach and detach, and tear-down."""
 
-    def __init__(self, lib: ctypes.CDLL, map_fd: int) -> None:
-        self._lookup = lib.bpf_lookup_elem
-        self._fd = map_fd
-        self._key = ctypes.c_uint64(0)
-        self._key_ref = ctypes.byref(self._key)
-        self._value = (ctypes.c_uint8 * SOCK_INFO_SIZE)()
+    map_fds: Mapping[str, int]
 
-    def read(self, key: int) -> bytes | None:
-        """The raw entry at ``key``, or None when there is none (the socket was retired)."""
-        self._key.value = key
-        if self._lookup(self._fd, self._key_ref, self._value) != 0:
-            return None
-        return bytes(self._value)
+    def attach(self, hooks: Iterable[Hook]) -> None: ...
+
+    def detach(self, hooks: Iterable[Hook]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _OwnProgram:
+    """Loaded from the compile cache with bpf(2): raw tracepoints only."""
+
+    def __init__(self, loaded: LoadedProgram) -> None:
+        self._loaded = loaded
+        self.map_fds = loaded.map_fds
+
+    def attach(self, hooks: Iterable[Hook]) -> None:
+        for hook in hooks:
+            self._loaded.attach(hook.target, hook.function)
+
+    def detach(self, hooks: Iterable[Hook]) -> None:
+        for hook in hooks:
+            self._loaded.detach(hook.target)
+
+    def close(self) -> None:
+        self._loaded.close()
+
+
+class _BccProgram:
+    """Loaded and attached by bcc in this process (fentry, kprobe)."""
+
+    def __init__(self, bpf: object) -> None:
+        self._bpf = bpf
+        self.map_fds = {name: bpf[name].map_fd for name in MAPS}  # type: ignore[index]
+
+    def attach(self, hooks: Iterable[Hook]) -> None:
+        _attach_with_bcc(self._bpf, hooks)
+
+    def detach(self, hooks: Iterable[Hook]) -> None:
+        for hook in hooks:
+            if hook.kind != "raw_tracepoint":
+                raise RuntimeError(f"cannot detach a {hook.kind} hook alone")
+            self._bpf.detach_raw_tracepoint(tp=hook.target)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        bpf = self._bpf
+        for _ in range(16):
+            try:
+                bpf.cleanup()  # type: ignore[attr-defined]
+                return
+            except Exception as error:
+                # bcc stops at the first probe it cannot remove, e.g. a legacy kprobe event
+                # that belongs to another tracer of this process (a name clash: the
+                # perf event of ours is closed by then). Skip it and go on with the rest.
+                log.warning("detaching: %s; going on with the rest", error)
+                kprobe_fds = bpf.kprobe_fds  # type: ignore[attr-defined]
+                for name in [name for name, fds in kprobe_fds.items() if not fds]:
+                    del kprobe_fds[name]
 
 
 class KernelTracer:
@@ -127,23 +197,23 @@ class KernelTracer:
     the socket map without a record telling user space).
     """
 
-    def __init__(self, bpf: object, plan: BackendPlan, capacities: Capacities) -> None:
-        from bcc import libbcc
-
-        self._bpf = bpf
+    def __init__(self, program: _Program, plan: BackendPlan, capacities: Capacities) -> None:
+        self._program = program
+        self._plan = plan
         self.backend = plan.name
         self.capacities = capacities
         self._lock = threading.Lock()
         self._closed = False
-        lib = libbcc.lib
-        self._socks = _BatchReader(lib, bpf["socks"].map_fd, 8, SOCK_INFO_SIZE, capacities.sockets)
-        self._entries = _EntryReader(lib, bpf["socks"].map_fd)
-        self._changes = _BatchReader(lib, bpf["changed"].map_fd, 8, 1, capacities.sockets)
-        self._finished = _BatchReader(
-            lib, bpf["closed"].map_fd, 8, SOCK_INFO_SIZE, capacities.closed
-        )
-        self._counters = bpf["counters"]
-        self._round_table = bpf["poll_round"]
+        fds = program.map_fds
+        self._socks = _BatchReader(fds["socks"], 8, SOCK_INFO_SIZE, capacities.sockets)
+        self._entries = MapHandle(fds["socks"], 8, SOCK_INFO_SIZE)
+        self._changes = _BatchReader(fds["changed"], 8, 1, capacities.sockets)
+        self._finished = _BatchReader(fds["closed"], 8, SOCK_INFO_SIZE, capacities.closed)
+        self._cpus = possible_cpus()
+        self._counters = MapHandle(fds["counters"], 4, 8 * self._cpus)
+        self._per_cpu = struct.Struct(f"<{self._cpus}Q")
+        self._round_table = MapHandle(fds["poll_round"], 4, 4)
+        self._listeners = MapHandle(fds["listeners"], LISTENER_KEY.size, PROCESS_INFO.size)
         self._round = 0
         self._seen_lost = self._seen_spilled = -1  # -1: the first poll reads everything
         self._full_reads = 0
@@ -165,7 +235,15 @@ class KernelTracer:
     def _next_round(self) -> None:
         """Entries changed from now on are marked again (bpf/tcpacct.c mark_changed)."""
         self._round = (self._round + 1) & 0xFFFFFFFF
-        self._round_table[ctypes.c_int(0)] = ctypes.c_uint32(self._round)
+        self._round_table.update(U32.pack(0), U32.pack(self._round))
+
+    def _read_counters(self) -> list[int]:
+        """Each ``counters`` index summed over CPUs."""
+        sums = []
+        for index in range(C_COUNT):
+            raw = self._counters.lookup(U32.pack(index))
+            sums.append(sum(self._per_cpu.unpack(raw)) if raw else 0)
+        return sums
 
     def _read_everything(self) -> list[SocketSample]:
         """Every live entry, decoded; returns the ones that differ from the last poll."""
@@ -196,9 +274,9 @@ class KernelTracer:
                     offset = index * SOCK_INFO_SIZE
                     changed.append(decode(raw[offset : offset + SOCK_INFO_SIZE], samples))
         else:
-            read = self._entries.read
+            lookup = self._entries.lookup
             for key in keys:
-                entry = read(key)
+                entry = lookup(key.to_bytes(8, "little"))
                 if entry is not None:
                     changed.append(decode(entry, samples))
         for sample in changed:
@@ -211,7 +289,7 @@ class KernelTracer:
         with self._lock:
             if self._closed:
                 raise RuntimeError("tracer is closed")
-            sums = [int(self._counters.sum(ctypes.c_int(i)).value) for i in range(C_COUNT)]
+            sums = self._read_counters()
             counters = decode_counters(sums)
             lost, spilled = sums[C_CHANGES_LOST], counters.spilled_sockets
             everything = (lost, spilled) != (self._seen_lost, self._seen_spilled)
@@ -272,22 +350,26 @@ class KernelTracer:
 
     # -- set-up and tear-down ----------------------------------------------------------
     def seed_listeners(self, listeners: Iterable[ListeningSocket]) -> int:
-        table = self._bpf["listeners"]
         seeded = 0
         for listener in listeners:
-            key = table.Key()
-            key.netns = listener.netns
-            key.port = encode_port(listener.port)
-            value = table.Leaf()
-            value.tgid = listener.pid
-            value.comm = listener.comm.encode()[:15]
+            key = LISTENER_KEY.pack(listener.netns, encode_port(listener.port), 0)
+            owner = PROCESS_INFO.pack(listener.pid, listener.comm.encode()[:15])
             try:
-                table[key] = value
+                self._listeners.update(key, owner)
                 seeded += 1
-            except Exception:  # map full: roles of old connections fall back to client
+            except OSError:  # map full: roles of old connections fall back to client
                 log.warning("listener map full after %d listeners", seeded)
                 break
         return seeded
+
+    def detach_hooks(self) -> None:
+        """Detach every hook, programs and maps staying loaded (the benchmark's agent-off);
+        raw tracepoint hooks only."""
+        self._program.detach(reversed(self._plan.hooks))
+
+    def attach_hooks(self) -> None:
+        """Attach again what :meth:`detach_hooks` detached."""
+        self._program.attach(self._plan.hooks)
 
     def close(self) -> None:
         """Detach every program and free the maps; safe to call twice."""
@@ -298,24 +380,11 @@ class KernelTracer:
             if self._closed:
                 return
             self._closed = True
-            bpf = self._bpf
-            for _ in range(16):
-                try:
-                    bpf.cleanup()
-                    return
-                except Exception as error:
-                    # bcc stops at the first probe it cannot remove, e.g. a legacy kprobe event
-                    # that belongs to another tracer of this process (a name clash: the
-                    # perf event of ours is closed by then). Skip it and go on with the rest.
-                    log.warning("detaching: %s; going on with the rest", error)
-                    for name in [name for name, fds in bpf.kprobe_fds.items() if not fds]:
-                        del bpf.kprobe_fds[name]
+            self._program.close()
 
 
-def _compile(plan: BackendPlan, btf: Btf, capacities: Capacities, bpf_dir: Path) -> object:
-    from bcc import BPF
-
-    cflags = [
+def _cflags(plan: BackendPlan, btf: Btf, capacities: Capacities, bpf_dir: Path) -> list[str]:
+    return [
         f"-I{bpf_dir}",
         f"-DMAX_SOCKETS={capacities.sockets}",
         f"-DMAX_CLOSED={capacities.closed}",
@@ -324,35 +393,116 @@ def _compile(plan: BackendPlan, btf: Btf, capacities: Capacities, bpf_dir: Path)
         *plan.cflags,
         "-Wno-macro-redefined",
     ]
-    return BPF(src_file=str(bpf_dir / plan.source), cflags=cflags)
 
 
-def _attach(bpf: object, plan: BackendPlan, *, byte_hooks: bool) -> None:
+def _compile_with_bcc(plan: BackendPlan, btf: Btf, capacities: Capacities, bpf_dir: Path) -> object:
     from bcc import BPF
 
-    for hook in plan.hooks:
-        is_lifecycle = hook.target in ("inet_sock_set_state", "tcp_destroy_sock")
-        if is_lifecycle == byte_hooks:
-            continue
+    return BPF(src_file=str(bpf_dir / plan.source), cflags=_cflags(plan, btf, capacities, bpf_dir))
+
+
+def _is_lifecycle(hook: Hook) -> bool:
+    return hook.target in ("inet_sock_set_state", "tcp_destroy_sock")
+
+
+def _attach_with_bcc(bpf: object, hooks: Iterable[Hook]) -> None:
+    for hook in hooks:
         if hook.kind == "raw_tracepoint":
-            bpf.attach_raw_tracepoint(tp=hook.target, fn_name=hook.function)
+            bpf.attach_raw_tracepoint(tp=hook.target, fn_name=hook.function)  # type: ignore[attr-defined]
         elif hook.kind == "kprobe":
-            bpf.attach_kprobe(event=hook.target, fn_name=hook.function)
+            bpf.attach_kprobe(event=hook.target, fn_name=hook.function)  # type: ignore[attr-defined]
         elif hook.kind == "kretprobe":
             # maxactive: enough return-probe instances for many threads blocked inside
             # tcp_sendmsg at once (a missed return would be a lost count). It makes bcc create
             # a legacy kprobe event named after this process, which a second tracer in the
             # same process cannot create again: then the kernel's default is used.
             try:
-                bpf.attach_kretprobe(event=hook.target, fn_name=hook.function, maxactive=64)
+                bpf.attach_kretprobe(  # type: ignore[attr-defined]
+                    event=hook.target, fn_name=hook.function, maxactive=64
+                )
             except Exception:
                 log.warning(
                     "kretprobe %s: maxactive=64 refused, using the kernel's default", hook.target
                 )
-                bpf.attach_kretprobe(event=hook.target, fn_name=hook.function)
+                bpf.attach_kretprobe(event=hook.target, fn_name=hook.function)  # type: ignore[attr-defined]
         else:
             raise ValueError(f"unknown hook kind {hook.kind}")
-    del BPF
+
+
+def _bcc_version() -> str:
+    """bcc's version file, found without importing bcc (a compile depends on it)."""
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or spec.origin is None:
+        return "no bcc"
+    try:
+        return (Path(spec.origin).parent / "version.py").read_text()
+    except OSError:
+        return spec.origin
+
+
+def compiled_program(
+    plan: BackendPlan,
+    btf: Btf,
+    capacities: Capacities,
+    *,
+    bpf_dir: Path = BPF_DIR,
+    cache_dir: Path = COMPILE_CACHE,
+    release: str = "",
+    headers: str = "",
+) -> CompiledProgram:
+    """The backend's program from the compile cache, compiled by a child process when it
+    is not there yet (or the cache directory is not writable: then into a temporary one)."""
+    source = bpf_dir / plan.source
+    cflags = _cflags(plan, btf, capacities, bpf_dir)
+    functions = sorted({hook.function for hook in plan.hooks})
+    key = cache_key(
+        source.read_bytes(), cflags, release, headers, _bcc_version(), *functions, *MAPS
+    )
+    path = cache_dir / f"{plan.name}-{key}.json"
+    compiled = read_cached(path)
+    if compiled is not None:
+        return compiled
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(cache_dir, os.W_OK)
+    except OSError:
+        writable = False
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tcpacct-bpf-") as scratch:
+        out = path if writable else Path(scratch) / path.name
+        if not writable:
+            log.warning("compile cache %s is not writable: compiling for this run only", cache_dir)
+        compile_in_child(source, cflags, functions, list(MAPS), out)
+        compiled = read_cached(out)
+    if compiled is None:
+        raise RuntimeError(f"the compiler left no readable program at {out}")
+    log.info("compiled %s in %.2f s (cached as %s)", plan.source, time.monotonic() - started, out)
+    return compiled
+
+
+def _load(
+    plan: BackendPlan,
+    btf: Btf,
+    capacities: Capacities,
+    bpf_dir: Path,
+    cache_dir: Path,
+    release: str,
+    headers: str,
+) -> _Program:
+    # Every tracepoint-backend program is a raw tracepoint, which bpf(2) attaches by name;
+    # fentry programs need BTF ids and kprobes perf events, which bcc sets up.
+    if plan.name == "tracepoint":
+        compiled = compiled_program(
+            plan,
+            btf,
+            capacities,
+            bpf_dir=bpf_dir,
+            cache_dir=cache_dir,
+            release=release,
+            headers=headers,
+        )
+        return _OwnProgram(LoadedProgram(compiled))
+    return _BccProgram(_compile_with_bcc(plan, btf, capacities, bpf_dir))
 
 
 def open_tracer(
@@ -364,6 +514,7 @@ def open_tracer(
     bpf_dir: Path = BPF_DIR,
     sys_root: Path = Path("/sys"),
     release: str | None = None,
+    compile_cache: Path = COMPILE_CACHE,
 ) -> KernelTracer:
     """Load and attach a backend; ``"auto"`` takes the first of BACKENDS that works here.
 
@@ -373,27 +524,30 @@ def open_tracer(
     """
     release = release or os.uname().release
     btf = Btf.from_path(btf_path)
-    apply_headers(choose_headers(release))
+    headers = choose_headers(release)
+    apply_headers(headers)
     candidates = BACKENDS if backend == "auto" else (backend,)
     reasons: list[str] = []
     for name in candidates:
-        bpf = None
+        program: _Program | None = None
         try:
             plan = plan_backend(name, btf, release=release, sys_root=sys_root)
-            bpf = _compile(plan, btf, capacities, bpf_dir)
-            _attach(bpf, plan, byte_hooks=False)
-            tracer = KernelTracer(bpf, plan, capacities)
+            program = _load(
+                plan, btf, capacities, bpf_dir, compile_cache, release, str(headers.path)
+            )
+            program.attach(hook for hook in plan.hooks if _is_lifecycle(hook))
+            tracer = KernelTracer(program, plan, capacities)
             tracer.seed_listeners(listeners())
-            _attach(bpf, plan, byte_hooks=True)
+            program.attach(hook for hook in plan.hooks if not _is_lifecycle(hook))
             log.info("backend %s attached (%s)", name, ", ".join(h.target for h in plan.hooks))
             return tracer
         except BackendUnavailable as error:
             reasons.append(str(error))
         except Exception as error:  # bcc raises bare Exception for load/attach failures
             reasons.append(f"backend {name}: {explain_load_error(name, error)}")
-        if bpf is not None:
+        if program is not None:
             with contextlib.suppress(Exception):
-                bpf.cleanup()
+                program.close()
     if backend == "auto":
         raise BackendUnavailable("auto", "no backend works here:\n  " + "\n  ".join(reasons))
     raise BackendUnavailable(backend, reasons[0].split(": ", 1)[1] if reasons else "failed")
@@ -416,7 +570,9 @@ def compile_only(
     apply_headers(choose_headers(release))
     plan = plan_backend(backend, btf, release=release, for_attaching=False)
     try:
-        bpf = _compile(plan, btf, Capacities(sockets=1024, closed=1024, listeners=64), bpf_dir)
+        bpf = _compile_with_bcc(
+            plan, btf, Capacities(sockets=1024, closed=1024, listeners=64), bpf_dir
+        )
     except Exception as error:
         if "Failed to compile" in str(error):
             raise

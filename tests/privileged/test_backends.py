@@ -42,3 +42,47 @@ def test_auto_names_every_backend_it_tried_when_none_works(tmp_path: Path) -> No
     assert "no backend works here" in text
     for backend in ("tracepoint", "fentry", "kprobe"):
         assert f"backend {backend}:" in text
+
+
+def test_the_tracepoint_program_is_compiled_once_into_the_cache(tmp_path: Path, monkeypatch):
+    """First start: a child process compiles into the cache. Next start: loaded from the
+    cache without compiling. A damaged cache file is compiled again, not trusted."""
+    import agent.ebpf.tracing as tracing
+
+    small = Capacities(sockets=1024, closed=1024, listeners=64)
+    try:
+        tracing.open_tracer("tracepoint", capacities=small, compile_cache=tmp_path).close()
+    except BackendUnavailable as error:
+        pytest.skip(f"tracepoint backend not here: {error}")
+    (cached,) = tmp_path.iterdir()
+    first = cached.read_bytes()
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled although the cache holds the program")
+
+    monkeypatch.setattr(tracing, "compile_in_child", no_compiling)
+    tracer = tracing.open_tracer("tracepoint", capacities=small, compile_cache=tmp_path)
+    try:
+        assert tracer.poll().counters.untracked_sockets == 0
+    finally:
+        tracer.close()
+    assert [p.name for p in tmp_path.iterdir()] == [cached.name]
+    monkeypatch.undo()
+    cached.write_text('{"format": 1, "maps": [')
+    tracing.open_tracer("tracepoint", capacities=small, compile_cache=tmp_path).close()
+    assert cached.read_bytes() == first
+
+
+def test_a_compile_error_names_the_source_line(tmp_path: Path) -> None:
+    bpf_dir = tmp_path / "bpf"
+    bpf_dir.mkdir()
+    source = (Path(__file__).resolve().parents[2] / "bpf" / "tcpacct.c").read_text()
+    (bpf_dir / "tcpacct.c").write_text(source + "\nint broken( { }\n")
+    with pytest.raises(BackendUnavailable) as caught:
+        open_tracer(
+            "tracepoint",
+            capacities=Capacities(sockets=1024, closed=1024, listeners=64),
+            bpf_dir=bpf_dir,
+            compile_cache=tmp_path / "cache",
+        )
+    assert "tcpacct.c:" in str(caught.value)

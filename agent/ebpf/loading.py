@@ -1,0 +1,78 @@
+"""Load a :class:`CompiledProgram` with bpf(2) alone: maps, programs, raw tracepoints.
+
+``LoadedProgram(compiled)`` creates the maps again, rewrites the map fds in each function's
+instructions, loads every function as a raw-tracepoint program and attaches them on
+request. Nothing of bcc or LLVM is in the process. Every fd is closed by :meth:`close`
+(closing an attachment's fd detaches it; the kernel frees programs and maps with their
+last fd).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from agent.ebpf.compiled import CompiledProgram, MapSpec
+from agent.ebpf.syscalls import (
+    BPF_PROG_TYPE_RAW_TRACEPOINT,
+    create_map,
+    load_program,
+    open_raw_tracepoint,
+    relocate_map_fds,
+)
+
+
+class LoadedProgram:
+    def __init__(self, compiled: CompiledProgram) -> None:
+        self.specs: dict[str, MapSpec] = {spec.name: spec for spec in compiled.maps}
+        self.map_fds: dict[str, int] = {}
+        self._programs: dict[str, int] = {}
+        self._attached: dict[str, int] = {}  # tracepoint -> attachment fd
+        try:
+            for spec in compiled.maps:
+                self.map_fds[spec.name] = create_map(
+                    spec.map_type,
+                    spec.key_size,
+                    spec.value_size,
+                    spec.max_entries,
+                    spec.flags,
+                    spec.name,
+                )
+            new_fd_of = {spec.compiled_fd: self.map_fds[spec.name] for spec in compiled.maps}
+            for name, code in compiled.functions.items():
+                try:
+                    instructions = relocate_map_fds(code, new_fd_of)
+                except KeyError as fd:
+                    raise RuntimeError(
+                        f"{name} refers to map fd {fd}, not in the program"
+                    ) from None
+                try:
+                    self._programs[name] = load_program(
+                        name, BPF_PROG_TYPE_RAW_TRACEPOINT, instructions, compiled.license
+                    )
+                except OSError as error:
+                    raise OSError(error.errno, f"loading {name}: {error.strerror}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def program_fd(self, function: str) -> int:
+        return self._programs[function]
+
+    def attach(self, tracepoint: str, function: str) -> None:
+        if tracepoint in self._attached:
+            raise RuntimeError(f"{tracepoint} is attached already")
+        self._attached[tracepoint] = open_raw_tracepoint(tracepoint, self._programs[function])
+
+    def detach(self, tracepoint: str) -> None:
+        fd = self._attached.pop(tracepoint, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Detach everything, then free programs and maps; safe to call twice."""
+        for group in (self._attached, self._programs, self.map_fds):
+            for fd in group.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            group.clear()
