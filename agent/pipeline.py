@@ -21,6 +21,7 @@ from agent.serving import Health
 
 log = logging.getLogger(__name__)
 
+
 def _version() -> str:
     """The installed package's version (pyproject.toml), not a second copy of it."""
     try:
