@@ -118,27 +118,45 @@ class _Peers:
     """
 
     def __init__(self, *groups: Iterable[SocketSample]) -> None:
-        self._by_tuple: dict[tuple[Endpoint, Endpoint], dict[int, SocketSample]] = {}
+        # Almost every 4-tuple has one socket: a lone sample is stored as itself, several
+        # (the same tuple in different network namespaces) as a tuple of samples.
+        self._by_tuple: dict[
+            tuple[Endpoint, Endpoint], SocketSample | tuple[SocketSample, ...]
+        ] = {}
         for group in groups:
             for sample in group:
                 self.put(sample)
 
+    def _all(self, key: tuple[Endpoint, Endpoint]) -> tuple[SocketSample, ...]:
+        found = self._by_tuple.get(key)
+        if found is None:
+            return ()
+        return found if isinstance(found, tuple) else (found,)
+
     def put(self, sample: SocketSample) -> None:
-        self._by_tuple.setdefault((sample.local, sample.remote), {})[sample.socket_id] = sample
+        key = (sample.local, sample.remote)
+        found = self._by_tuple.get(key)
+        if found is None or (not isinstance(found, tuple) and found.socket_id == sample.socket_id):
+            self._by_tuple[key] = sample
+            return
+        others = tuple(s for s in self._all(key) if s.socket_id != sample.socket_id)
+        self._by_tuple[key] = (*others, sample)
 
     def remove(self, sample: SocketSample) -> None:
         key = (sample.local, sample.remote)
-        same = self._by_tuple.get(key)
-        if same is not None:
-            same.pop(sample.socket_id, None)
-            if not same:
-                del self._by_tuple[key]
+        found = self._all(key)
+        if not found:
+            return
+        rest = tuple(s for s in found if s.socket_id != sample.socket_id)
+        if not rest:
+            del self._by_tuple[key]
+        else:
+            self._by_tuple[key] = rest[0] if len(rest) == 1 else rest
 
     def peer_of(self, sample: SocketSample) -> SocketSample | None:
-        candidates = self._by_tuple.get((sample.remote, sample.local))
-        if not candidates:
-            return None
-        others = [c for sid, c in candidates.items() if sid != sample.socket_id]
+        others = [
+            c for c in self._all((sample.remote, sample.local)) if c.socket_id != sample.socket_id
+        ]
         for candidate in others:
             if candidate.netns == sample.netns:
                 return candidate
@@ -182,6 +200,9 @@ class Accountant:
         self._clock = clock
         self._touched: dict[SeriesKey, float] = {}
         self._evaluated: dict[object, tuple[tuple[SeriesKey, ValueSource], ...]] = {}
+        self._series_shared: dict[
+            tuple[tuple[SeriesKey, int], ...], tuple[tuple[SeriesKey, int], ...]
+        ] = {}
         self._overflowed = 0
         self._expired = 0
         self._last_expiry = clock()
@@ -322,7 +343,10 @@ class Accountant:
                 self._touched[key] = now
             admitted.append((key, _SOURCES[source]))
         self._overflowed += overflowed
-        return tuple(admitted)
+        series = tuple(admitted)
+        if len(self._series_shared) >= 65536:  # only a saving: start over past a bound
+            self._series_shared.clear()
+        return self._series_shared.setdefault(series, series)  # one copy per distinct series
 
     def _expire_idle_series(self) -> None:
         if self._series_ttl is None:
@@ -440,6 +464,7 @@ class Accountant:
             kept_names = {d.name for d in catalogue.definitions() if _fingerprint(d) in old}
             self._catalogue = catalogue
             self._evaluated.clear()
+            self._series_shared.clear()
             self._totals = {k: v for k, v in self._totals.items() if k.metric in kept_names}
             self._touched = {k: v for k, v in self._touched.items() if k in self._totals}
             reviving = [tracked for tracked, _ in self._unattributed.tombstones.values()]

@@ -12,6 +12,7 @@ end when it is on this host, else the remote address; ``destination_service`` is
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections.abc import Callable
 
 from agent.model import (
@@ -70,7 +71,7 @@ class LocalEnricher:
             reporter=sample.reporter,
             source=client,
             destination=server,
-            service=ServiceIdentity(host=str(sample.server)),
+            service=ServiceIdentity(host=sys.intern(str(sample.server))),
         )
 
     @staticmethod
