@@ -200,6 +200,10 @@ class Accountant:
         self._clock = clock
         self._touched: dict[SeriesKey, float] = {}
         self._evaluated: dict[object, tuple[tuple[SeriesKey, ValueSource], ...]] = {}
+        # evaluated series (by identity) -> their admission; cleared when a series goes
+        self._admitted: dict[
+            int, tuple[tuple[tuple[SeriesKey, ValueSource], ...], tuple[tuple[SeriesKey, int], ...]]
+        ] = {}
         self._series_shared: dict[
             tuple[tuple[SeriesKey, int], ...], tuple[tuple[SeriesKey, int], ...]
         ] = {}
@@ -325,6 +329,20 @@ class Accountant:
     def _admit(
         self, series: tuple[tuple[SeriesKey, ValueSource], ...]
     ) -> tuple[tuple[SeriesKey, int], ...]:
+        """A connection's series: the evaluated ones, admitted once per evaluation (a
+        connection like an earlier one reuses its admission while every series exists)."""
+        hit = self._admitted.get(id(series))
+        if hit is not None and hit[0] is series:
+            return hit[1]
+        admitted = self._admit_new(series)
+        if len(self._admitted) >= 65536:
+            self._admitted.clear()
+        self._admitted[id(series)] = (series, admitted)  # keeps `series` alive: ids stay unique
+        return admitted
+
+    def _admit_new(
+        self, series: tuple[tuple[SeriesKey, ValueSource], ...]
+    ) -> tuple[tuple[SeriesKey, int], ...]:
         """Create a connection's series, folding new label sets past the budget into
         ``~other``; existing series are always reused."""
         now = self._clock()
@@ -361,6 +379,7 @@ class Accountant:
                 del self._touched[key]
                 self._totals.pop(key, None)
                 self._expired += 1
+                self._admitted.clear()
 
     def _series_for(
         self, attributes: ConnectionAttributes
@@ -465,6 +484,7 @@ class Accountant:
             self._catalogue = catalogue
             self._evaluated.clear()
             self._series_shared.clear()
+            self._admitted.clear()
             self._totals = {k: v for k, v in self._totals.items() if k.metric in kept_names}
             self._touched = {k: v for k, v in self._touched.items() if k in self._totals}
             reviving = [tracked for tracked, _ in self._unattributed.tombstones.values()]

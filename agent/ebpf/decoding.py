@@ -137,16 +137,19 @@ class SampleDecoder:
 
     def __init__(self, limit: int = 1 << 16) -> None:
         self._limit = limit
-        self._addresses: dict[tuple[int, bytes], str] = {}
+        # raw 16 bytes -> text, one table per family (no key tuple to build per lookup)
+        self._addresses: dict[int, dict[bytes, str]] = {AF_INET: {}, AF_INET6: {}}
         self._comms: dict[bytes, str] = {}
 
     def _address(self, family: int, raw: bytes) -> str:
-        key = (family, raw)
-        text = self._addresses.get(key)
+        table = self._addresses.get(family)
+        if table is None:
+            table = self._addresses.setdefault(family, {})
+        text = table.get(raw)
         if text is None:
-            if len(self._addresses) >= self._limit:
-                self._addresses.clear()
-            text = self._addresses[key] = decode_address(family, raw)
+            if len(table) >= self._limit:
+                table.clear()
+            text = table[raw] = decode_address(family, raw)
         return text
 
     def decode(self, raw: bytes | memoryview, previous: Mapping[int, SocketSample]) -> SocketSample:

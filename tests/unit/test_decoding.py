@@ -221,4 +221,4 @@ def test_sample_decoder_caches_stay_bounded() -> None:
             AF_INET, (f"198.18.0.{port}", port), ("198.18.1.1", 80), comm=b"c%d" % port
         )
         assert decoder.decode(bytes(info), {}).local == Endpoint(f"198.18.0.{port}", port)
-    assert len(decoder._addresses) <= 4 and len(decoder._comms) <= 4
+    assert len(decoder._addresses[AF_INET]) <= 4 and len(decoder._comms) <= 4
