@@ -90,6 +90,14 @@ BTF_PATH_OPTION = click.option(
     envvar=_env("BTF_PATH"),
     help="The running kernel's BTF (struct layouts).",
 )
+COMPILE_CACHE_OPTION = click.option(
+    "--compile-cache",
+    type=click.Path(path_type=Path, file_okay=False),
+    default="/var/cache/tcpacct/bpf",
+    show_default=True,
+    envvar=_env("COMPILE_CACHE"),
+    help="Where the compiled BPF program is kept between starts (tracepoint backend).",
+)
 KUBECONFIG_OPTION = click.option(
     "--kubeconfig",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -192,6 +200,7 @@ def main() -> None:
 @PROC_ROOT_OPTION
 @CGROUP_ROOT_OPTION
 @BTF_PATH_OPTION
+@COMPILE_CACHE_OPTION
 @click.option(
     "--tls-cert",
     type=click.Path(path_type=Path, dir_okay=False),

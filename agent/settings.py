@@ -131,6 +131,7 @@ class Settings:
     proc_root: Path = Path("/proc")
     cgroup_root: Path = Path("/sys/fs/cgroup")
     btf_path: Path = Path("/sys/kernel/btf/vmlinux")
+    compile_cache: Path = Path("/var/cache/tcpacct/bpf")
     tls_cert: Path | None = None
     tls_key: Path | None = None
     basic_auth: tuple[str, str] | None = field(default=None, repr=False)

@@ -154,6 +154,7 @@ def open_counting(settings: Settings) -> tuple[KernelTracer, Accountant]:
         btf_path=settings.btf_path,
         capacities=Capacities(sockets=settings.max_sockets, closed=settings.max_closed),
         listeners=lambda: listening_sockets(settings.proc_root),
+        compile_cache=settings.compile_cache,
     )
     tracer.start_draining()
     enricher = LocalEnricher(ProcessNames(settings.proc_root).name)
@@ -189,6 +190,7 @@ def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgen
         btf_path=settings.btf_path,
         capacities=Capacities(sockets=settings.max_sockets, closed=settings.max_closed),
         listeners=lambda: listening_sockets(settings.proc_root),
+        compile_cache=settings.compile_cache,
     )
     closers.append(tracer.close)
     tracer.start_draining()

@@ -34,7 +34,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
     for name in ("INTERVAL", "LISTEN", "BACKEND", "LOG_LEVEL", "MAX_SOCKETS", "CONFIG",
                  "KUBERNETES", "KUBECONFIG", "NODE_NAME", "TLS_CERT", "TLS_KEY", "BASIC_AUTH",
                  "BEARER_TOKEN", "PROC_ROOT", "CGROUP_ROOT", "BTF_PATH", "MAX_SERIES",
-                 "SERIES_TTL"):
+                 "SERIES_TTL", "COMPILE_CACHE"):
         monkeypatch.delenv(f"TCPACCT_{name}", raising=False)
     monkeypatch.delenv("NODE_NAME", raising=False)
     return calls
@@ -181,6 +181,7 @@ def test_environment_twins_become_settings(started) -> None:
         "TCPACCT_BEARER_TOKEN": "t0ken",
         "NODE_NAME": "node-7",
         "TCPACCT_BTF_PATH": "/host/sys/kernel/btf/vmlinux",
+        "TCPACCT_COMPILE_CACHE": "/var/lib/tcpacct/bpf",
     })
     assert result.exit_code == 0, result.output
     assert started == [
@@ -189,6 +190,7 @@ def test_environment_twins_become_settings(started) -> None:
             max_sockets=4096, max_closed=4096, config_files=(Path("a.yaml"), Path("b.yaml")),
             kubernetes=True, bearer_token="t0ken", node_name="node-7",
             btf_path=Path("/host/sys/kernel/btf/vmlinux"),
+            compile_cache=Path("/var/lib/tcpacct/bpf"),
         )
     ]
 
