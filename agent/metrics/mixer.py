@@ -198,31 +198,63 @@ def _duplicate(table: dict[tuple[str, str], Any], item: _Object, family: str) ->
     return False
 
 
+def _params(
+    objects: MixerObjects,
+    item: _Object,
+    table: dict[tuple[str, str], Any],
+    *,
+    generic: str,
+    names: str,
+    wanted: str,
+    reads: str,
+    broken: object,
+) -> tuple[Located, dict[Any, Located]] | None:
+    """An object's params, whichever Istio spelling it uses.
+
+    A specific kind (``metric``, ``prometheus``) is its params. A generic one (``instance``,
+    ``handler``) names what it is in ``compiledTemplate``/``template``
+    (``compiledAdapter``/``adapter``) and wraps its params in ``params``. Returns None when
+    the object is settled here: recorded in ``table`` as ignored (another template or
+    adapter, with a warning) or as ``broken`` (no usable params, with a problem).
+    """
+    if item.kind != generic:
+        return item.spec_at, item.spec
+    named_at = item.spec.get(f"compiled{names.capitalize()}") or item.spec.get(names)
+    named = named_at.value if named_at is not None else None
+    if named != wanted:
+        objects.warn(
+            item.checker,
+            item.document,
+            f"ignoring {item.label}: {names} {named!r} (tcpacct reads {reads} only)",
+        )
+        table[(item.name, item.namespace)] = None
+        return None
+    params_at = item.spec.get("params")
+    params = item.checker.mapping(params_at, item.label, "params") if params_at else None
+    if params is None or params_at is None:
+        if params_at is None:
+            item.checker.problem(item.spec_at, item.label, "'params' is required")
+        table[(item.name, item.namespace)] = broken
+        return None
+    return params_at, params
+
+
 def _collect_instance(objects: MixerObjects, item: _Object) -> None:
     if _duplicate(objects.instances, item, "instance and metric"):
         return
-    params_at: Located | None = item.spec_at
-    params: dict[Any, Located] | None = item.spec
-    if item.kind == "instance":
-        template_at = item.spec.get("compiledTemplate") or item.spec.get("template")
-        template = template_at.value if template_at is not None else None
-        if template != "metric":
-            objects.warn(
-                item.checker,
-                item.document,
-                f"ignoring {item.label}: template "
-                f"{template!r} (tcpacct reads metric instances only)",
-            )
-            objects.instances[(item.name, item.namespace)] = None
-            return
-        params_at = item.spec.get("params")
-        params = item.checker.mapping(params_at, item.label, "params") if params_at else None
-        if params is None:
-            if params_at is None:
-                item.checker.problem(item.spec_at, item.label, "'params' is required")
-            objects.instances[(item.name, item.namespace)] = _Instance(item, None, None)
-            return
-    assert params is not None and params_at is not None
+    unwrapped = _params(
+        objects,
+        item,
+        objects.instances,
+        generic="instance",
+        names="template",
+        wanted="metric",
+        reads="metric instances",
+        broken=_Instance(item, None, None),
+    )
+    if unwrapped is None:
+        return
+    params_at, params = unwrapped
     value_at = item.checker.field(params_at, params, "value", item.label, required=True)
     value: ValueSource | str | None = None
     if value_at is not None:
@@ -237,28 +269,19 @@ def _collect_instance(objects: MixerObjects, item: _Object) -> None:
 def _collect_handler(objects: MixerObjects, item: _Object) -> None:
     if _duplicate(objects.handlers, item, "handler and prometheus"):
         return
-    params_at: Located | None = item.spec_at
-    params: dict[Any, Located] | None = item.spec
-    if item.kind == "handler":
-        adapter_at = item.spec.get("compiledAdapter") or item.spec.get("adapter")
-        adapter = adapter_at.value if adapter_at is not None else None
-        if adapter != "prometheus":
-            objects.warn(
-                item.checker,
-                item.document,
-                f"ignoring {item.label}: adapter "
-                f"{adapter!r} (tcpacct reads prometheus handlers only)",
-            )
-            objects.handlers[(item.name, item.namespace)] = None
-            return
-        params_at = item.spec.get("params")
-        params = item.checker.mapping(params_at, item.label, "params") if params_at else None
-        if params is None:
-            if params_at is None:
-                item.checker.problem(item.spec_at, item.label, "'params' is required")
-            objects.handlers[(item.name, item.namespace)] = []
-            return
-    assert params is not None and params_at is not None
+    unwrapped = _params(
+        objects,
+        item,
+        objects.handlers,
+        generic="handler",
+        names="adapter",
+        wanted="prometheus",
+        reads="prometheus handlers",
+        broken=[],
+    )
+    if unwrapped is None:
+        return
+    params_at, params = unwrapped
     metrics_at = item.checker.field(params_at, params, "metrics", item.label, required=True)
     handler_metrics: list[_HandlerMetric] = []
     if metrics_at is not None and not isinstance(metrics_at.value, list):
