@@ -17,23 +17,21 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support import agent_process
 from tests.support.k8s_api_server import pod, replica_set
 from tests.support.netlab import NetLab, Pod, read_line
 
 PEER_PROGRAM = Path(__file__).resolve().with_name("pod_peer.py")
-TCPACCT = Path(sys.executable).with_name("tcpacct")
+TCPACCT = agent_process.TCPACCT
 CLUSTER_NAME = "Kubernetes"
 TRUST_DOMAIN = "cluster.local"
 UNKNOWN = "unknown"
@@ -162,10 +160,12 @@ class Workload:
             version=first("version", "app.kubernetes.io/version") or UNKNOWN,
             canonical_service=first(
                 "service.istio.io/canonical-name", "app.kubernetes.io/name", "app"
-            ) or workload,
+            )
+            or workload,
             canonical_revision=first(
                 "service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"
-            ) or "latest",
+            )
+            or "latest",
             cluster=CLUSTER_NAME,
         )
 
@@ -184,8 +184,10 @@ class Workload:
     def pod(self, ips: str | Sequence[str], **extra: Any) -> KubePod:
         """A new pod of this workload at ``ips`` (a new name and UID each time)."""
         suffix = secrets.token_hex(3)
-        name = f"{self.replica_set}-{suffix}" if self.kind == "Deployment" else (
-            f"{self.name}-{suffix}"
+        name = (
+            f"{self.replica_set}-{suffix}"
+            if self.kind == "Deployment"
+            else (f"{self.name}-{suffix}")
         )
         addresses = [ips] if isinstance(ips, str) else list(ips)
         return KubePod(self, name, addresses, **extra)
@@ -239,9 +241,7 @@ def cluster_service(
             "clusterIP": cluster_ip,
             "clusterIPs": [cluster_ip],
             "ipFamilies": [family],
-            "ports": [
-                {"name": "tcp", "port": port, "targetPort": target_port, "protocol": "TCP"}
-            ],
+            "ports": [{"name": "tcp", "port": port, "targetPort": target_port, "protocol": "TCP"}],
         },
     }
 
@@ -327,9 +327,7 @@ class Peer:
         return int(words[3]), int(words[4]), int(words[5])
 
 
-def start_peer(
-    lab: NetLab, kube_pod: KubePod | None, netns: Pod | None, *, name: str = ""
-) -> Peer:
+def start_peer(lab: NetLab, kube_pod: KubePod | None, netns: Pod | None, *, name: str = "") -> Peer:
     """Runs ``pod_peer.py`` in ``netns`` (``None``: on the node, as a host-network pod) and,
     when ``kube_pod`` is given, in that pod's kubelet-style cgroup — before it does anything.
     """
@@ -435,14 +433,16 @@ def expected_probe_series(
     expected: dict[SeriesKey, int] = {}
     for (source, destination, _), traffic in ledger.flows.items():
         for reporter in ("source", "destination"):
-            labels = frozenset({
-                "reporter": reporter,
-                "source_ip": source_ip,
-                "destination_ip": destination_ip,
-                "destination_port": str(destination_port),
-                "source_workload": source.workload,
-                "destination_workload": destination.workload,
-            }.items())
+            labels = frozenset(
+                {
+                    "reporter": reporter,
+                    "source_ip": source_ip,
+                    "destination_ip": destination_ip,
+                    "destination_port": str(destination_port),
+                    "source_workload": source.workload,
+                    "destination_workload": destination.workload,
+                }.items()
+            )
             for metric, value in zip(
                 PROBE_METRICS, (traffic.request, traffic.response), strict=True
             ):
@@ -475,8 +475,11 @@ def parse_series(text: str, metrics: Iterable[str]) -> dict[SeriesKey, int]:
 def series_of_namespaces(series: dict[SeriesKey, int], namespaces: set[str]) -> dict:
     """The non-zero series that name one of ``namespaces`` on either end or as the
     Service's namespace (the scenario's own; other traffic on the machine is left out)."""
-    keys = ("source_workload_namespace", "destination_workload_namespace",
-            "destination_service_namespace")
+    keys = (
+        "source_workload_namespace",
+        "destination_workload_namespace",
+        "destination_service_namespace",
+    )
     kept = {}
     for (metric, labels), value in series.items():
         named = dict(labels)
@@ -539,79 +542,12 @@ def describe_difference(expected: dict, seen: dict) -> str:
     return "\n".join(lines)
 
 
-class AgentProcess:
-    """``tcpacct run`` in Kubernetes mode on the node, logging to a file; ended by its PID."""
+class AgentProcess(agent_process.AgentProcess):
+    """``tcpacct run`` in Kubernetes mode on the node, started at once; ended by its PID."""
 
     def __init__(self, arguments: Sequence[str], log_path: Path, port: int) -> None:
-        self.port = port
-        self.log_path = log_path
-        with log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                [str(TCPACCT), "run", "--listen", f"127.0.0.1:{port}", *arguments],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self, last: int = 6000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text()[-last:]
-        return ""
-
-    def get(self, path: str) -> tuple[int, str]:
-        """``GET path`` -> (status, body); an error status is returned, not raised."""
-        url = f"http://127.0.0.1:{self.port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    def scrape(self) -> str:
-        status, body = self.get("/metrics")
-        assert status == 200, (status, body)
-        return body
-
-    def wait_readyz(self, status: int, body: str, deadline_seconds: float = 90.0) -> None:
-        """Until ``/readyz`` answers exactly ``status`` and ``body``."""
-        deadline = time.monotonic() + deadline_seconds
-        answer: tuple[int, str] | None = None
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with contextlib.suppress(OSError):
-                answer = self.get("/readyz")
-                if answer == (status, body):
-                    return
-            time.sleep(0.2)
-        raise AssertionError(
-            f"/readyz never answered {status} {body!r} (last: {answer}):\n{self.log()}"
-        )
-
-    def wait_ready(self, deadline_seconds: float = 90.0) -> None:
-        """Until ``/readyz`` is 200: the cache synced and a poll ran."""
-        deadline = time.monotonic() + deadline_seconds
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with contextlib.suppress(OSError):
-                if self.get("/readyz")[0] == 200:
-                    return
-            time.sleep(0.2)
-        raise AssertionError(f"agent not ready within {deadline_seconds} s:\n{self.log()}")
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            raise AssertionError(f"agent exited with {self.process.returncode}:\n{self.log()}")
-
-    def stop(self) -> int:
-        """SIGTERM to our PID; SIGKILL if it does not end in 20 s. Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+        super().__init__(port, arguments, log_path)
+        self.start()
 
     def wait_for_series(
         self,
