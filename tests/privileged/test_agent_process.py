@@ -205,15 +205,16 @@ def _endpoint(address: tuple):
 
 def test_the_agent_keeps_no_compiler_in_its_memory(agent_process):
     """The tracepoint backend is compiled by a child process and loaded with bpf(2): neither
-    bcc's library nor LLVM/clang is mapped into the running agent."""
-    _, process, _ = agent_process
+    bcc's library nor LLVM/clang is mapped into the running agent. fentry and kprobe
+    programs are attached by bcc in the agent, which then maps libbcc (README says so)."""
+    port, process, _ = agent_process
     maps = Path(f"/proc/{process.pid}/maps").read_text()
-    status = Path(f"/proc/{process.pid}/status").read_text()
-    if "backend tracepoint" not in scrape_backend(agent_process[0]):
-        pytest.skip("only the tracepoint backend is loaded without bcc")
     mapped = {line.split()[-1] for line in maps.splitlines() if len(line.split()) >= 6}
     compilers = sorted(p for p in mapped if re.search(r"libbcc|LLVM|clang", p))
-    assert compilers == [], status
+    if scrape_backend(port) == "backend tracepoint":
+        assert compilers == []
+    else:
+        assert any("libbcc" in p for p in compilers), compilers
 
 
 def scrape_backend(port: int) -> str:
