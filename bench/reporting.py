@@ -248,8 +248,9 @@ def write_results(
     date: str,
     preamble: str = "",
 ) -> tuple[Path, Path]:
-    """Write results.json and results.md into ``directory``; returns their paths."""
+    """Write results.json and results.md into ``directory`` (made if missing); their paths."""
     document = results_document(figures, omitted, machine, date)
+    directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / "results.json"
     md_path = directory / "results.md"
     json_path.write_text(json.dumps(document, indent=2, sort_keys=True, allow_nan=True) + "\n")

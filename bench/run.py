@@ -78,7 +78,7 @@ def run(parts: tuple[str, ...], quick: bool, out_dir: Path) -> tuple[Path, Path]
     datapath_plan, cost_plan = DatapathPlan(), CostPlan()
     if quick:
         datapath_plan = DatapathPlan(
-            pairs=2, send_recv_calls=5_000, unix_calls=5_000, rr_transactions=1_000,
+            pairs=2, send_recv_calls=10_000, unix_calls=20_000, rr_transactions=1_000,
             churn_connections=200, iperf_pairs=1, iperf_seconds=1, peer_rounds=1,
             peer_churn_connections=200,
         )  # fmt: skip
