@@ -176,7 +176,7 @@ def _off(probe: AgentProbe) -> None:
 
 
 def _account(probe: AgentProbe, moved: Moved, before: list[int]) -> list[dict[str, Any]]:
-    probe.request({"cmd": "settle", "polls": 5})
+    probe.request({"cmd": "settle", "polls": 5, "ports": [moved.server_port]})
     report = probe.request({"cmd": "report", "ports": [moved.server_port]})
     unattributed = {
         "check": "unattributed bytes unchanged (nothing spilled or untracked)",

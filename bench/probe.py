@@ -17,7 +17,10 @@ command                             answer
 ``{"cmd": "poll"}``                 one poll now: ``{"poll_cpu_s", "apply_cpu_s", "wall_s",
                                     "live", "finished", "rss_kib"}`` (``"profile": N`` adds the
                                     N hottest functions by cProfile)
-``{"cmd": "settle", "polls": 5}``   that many polls in a row (held-back sockets get named)
+``{"cmd": "settle", "polls": 5}``   that many polls in a row (held-back sockets get named);
+                                    with ``"ports": [P]`` first until every socket seen on
+                                    those ports has finished (a FIN the loopback backlog
+                                    dropped is resent after 200 ms+), at most 5 s
 ``{"cmd": "report", "ports": [P]}`` ledger sockets and accountant totals for those ports
 ``{"cmd": "stats"}``                poller thread's polls and CPU per poll, RSS
 ``{"cmd": "detach"}``               detach every hook (programs stay loaded, maps kept) and
@@ -48,7 +51,7 @@ from agent.ebpf.btf import Btf
 from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
 from agent.enrich.local import LocalEnricher
 from agent.metrics.catalogue import load_catalogue
-from agent.model import KernelPoll, SocketSample
+from agent.model import KernelPoll, SocketFlag, SocketSample
 from agent.resolve.listening import listening_sockets
 from agent.resolve.processes import ProcessNames
 
@@ -167,6 +170,22 @@ class ProbedAgent:
             answer["profile"] = text.getvalue()
         return answer
 
+    def wait_finished(self, ports: set[int], timeout: float) -> None:
+        """Poll every 50 ms until no socket of the ledger on ``ports`` is still open."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll()
+            with self.lock:
+                open_ = [
+                    s
+                    for s in self.ledger.values()
+                    if (s.local.port in ports or s.remote.port in ports)
+                    and not s.flags & SocketFlag.DESTROYED
+                ]
+            if not open_:
+                return
+            time.sleep(0.05)
+
     def report(self, ports: set[int]) -> dict[str, Any]:
         """Ledger sockets on ``ports`` (forgotten once reported) and the accountant's totals
         for services ``127.0.0.1:<port>``."""
@@ -238,6 +257,8 @@ def serve(agent: ProbedAgent) -> None:
         elif name == "poll":
             _answer(agent.poll(profile=int(command.get("profile", 0))))
         elif name == "settle":
+            if command.get("ports"):
+                agent.wait_finished(set(command["ports"]), timeout=5.0)
             for _ in range(int(command.get("polls", 5))):
                 agent.poll()
             _answer({"ok": True})

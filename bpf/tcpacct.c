@@ -335,13 +335,56 @@ static __always_inline int handle_destroy(struct bpf_raw_tracepoint_args *ctx)
     return 0;
 }
 
+// A program is never re-entered on one CPU: when a lifecycle event fires while the same
+// program is already running there (a softirq's state change or destroy interrupting one in
+// process context, e.g. close() or connect()), the kernel skips it and counts a recursion
+// miss. So each lifecycle handler is attached twice: the primary program marks itself busy
+// on this CPU while it runs; the second one acts only then, i.e. exactly for the events the
+// primary was skipped for. Softirqs do not nest, so two levels are all there can be.
+#define BUSY_SET_STATE 0
+#define BUSY_DESTROY 1
+BPF_PERCPU_ARRAY(lifecycle_busy, u32, 2);
+
+static __always_inline void set_busy(u32 which, u32 busy)
+{
+    u32 *flag = lifecycle_busy.lookup(&which);
+    if (flag)
+        *flag = busy;
+}
+
+static __always_inline int is_busy(u32 which)
+{
+    u32 *flag = lifecycle_busy.lookup(&which);
+    return flag && *flag;
+}
+
 int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
+    set_busy(BUSY_SET_STATE, 1);
+    handle_set_state(ctx);
+    set_busy(BUSY_SET_STATE, 0);
+    return 0;
+}
+
+int on_set_state_nested(struct bpf_raw_tracepoint_args *ctx)
+{
+    if (!is_busy(BUSY_SET_STATE))
+        return 0; // on_set_state ran (or runs) for this event
     return handle_set_state(ctx);
 }
 
 int on_destroy(struct bpf_raw_tracepoint_args *ctx)
 {
+    set_busy(BUSY_DESTROY, 1);
+    handle_destroy(ctx);
+    set_busy(BUSY_DESTROY, 0);
+    return 0;
+}
+
+int on_destroy_nested(struct bpf_raw_tracepoint_args *ctx)
+{
+    if (!is_busy(BUSY_DESTROY))
+        return 0;
     return handle_destroy(ctx);
 }
 

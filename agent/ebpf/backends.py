@@ -21,9 +21,13 @@ from pathlib import Path
 from agent.ebpf.btf import KIND_FUNC, KIND_TYPEDEF, Btf, BtfError
 
 BACKENDS = ("tracepoint", "fentry", "kprobe")
+# Each lifecycle handler twice: the second program handles the events the kernel skipped the
+# first for (it is never re-entered on a CPU; see bpf/tcpacct.c on_set_state_nested).
 LIFECYCLE_TRACEPOINTS = (
     ("inet_sock_set_state", "on_set_state"),
+    ("inet_sock_set_state", "on_set_state_nested"),
     ("tcp_destroy_sock", "on_destroy"),
+    ("tcp_destroy_sock", "on_destroy_nested"),
 )
 
 
@@ -94,7 +98,7 @@ def plan_backend(
     ``for_attaching=False`` plans a compile only: it skips the check that the kernel has
     kprobes (compiling needs none)."""
     lifecycle = tuple(Hook("raw_tracepoint", tp, fn) for tp, fn in LIFECYCLE_TRACEPOINTS)
-    for tracepoint, _ in LIFECYCLE_TRACEPOINTS:
+    for tracepoint in dict(LIFECYCLE_TRACEPOINTS):
         if not _has_tracepoint(btf, tracepoint):
             raise BackendUnavailable(name, f"tracepoint {tracepoint} is not in this kernel")
     if name == "tracepoint":

@@ -27,7 +27,7 @@ class LoadedProgram:
         self.specs: dict[str, MapSpec] = {spec.name: spec for spec in compiled.maps}
         self.map_fds: dict[str, int] = {}
         self._programs: dict[str, int] = {}
-        self._attached: dict[str, int] = {}  # tracepoint -> attachment fd
+        self._attached: dict[tuple[str, str], int] = {}  # (tracepoint, function) -> link fd
         try:
             for spec in compiled.maps:
                 self.map_fds[spec.name] = create_map(
@@ -60,12 +60,13 @@ class LoadedProgram:
         return self._programs[function]
 
     def attach(self, tracepoint: str, function: str) -> None:
-        if tracepoint in self._attached:
-            raise RuntimeError(f"{tracepoint} is attached already")
-        self._attached[tracepoint] = open_raw_tracepoint(tracepoint, self._programs[function])
+        if (tracepoint, function) in self._attached:
+            raise RuntimeError(f"{function} is attached to {tracepoint} already")
+        fd = open_raw_tracepoint(tracepoint, self._programs[function])
+        self._attached[(tracepoint, function)] = fd
 
-    def detach(self, tracepoint: str) -> None:
-        fd = self._attached.pop(tracepoint, None)
+    def detach(self, tracepoint: str, function: str) -> None:
+        fd = self._attached.pop((tracepoint, function), None)
         if fd is not None:
             os.close(fd)
 

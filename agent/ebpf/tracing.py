@@ -61,6 +61,7 @@ from agent.ebpf.syscalls import (
     BatchAttr,
     MapHandle,
     bpf_errno,
+    open_raw_tracepoint,
     possible_cpus,
 )
 from agent.model import KernelPoll, ListeningSocket, SocketSample
@@ -70,7 +71,16 @@ log = logging.getLogger(__name__)
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOCK_INFO_SIZE = ctypes.sizeof(SockInfo)  # 96
 COMPILE_CACHE = Path("/var/cache/tcpacct/bpf")
-MAPS = ("socks", "closed", "listeners", "counters", "next_id", "poll_round", "changed")
+MAPS = (
+    "socks",
+    "closed",
+    "listeners",
+    "counters",
+    "next_id",
+    "poll_round",
+    "changed",
+    "lifecycle_busy",
+)
 LISTENER_KEY = struct.Struct("<IHH")  # struct listener_key
 PROCESS_INFO = struct.Struct("<I16s")  # struct process_info
 U32 = struct.Struct("<I")
@@ -149,29 +159,55 @@ class _OwnProgram:
 
     def detach(self, hooks: Iterable[Hook]) -> None:
         for hook in hooks:
-            self._loaded.detach(hook.target)
+            self._loaded.detach(hook.target, hook.function)
 
     def close(self) -> None:
         self._loaded.close()
 
 
 class _BccProgram:
-    """Loaded and attached by bcc in this process (fentry, kprobe)."""
+    """Loaded and attached by bcc in this process (fentry, kprobe).
+
+    bcc attaches one program per raw tracepoint; a second one on the same tracepoint (the
+    lifecycle handlers' nested twins) is attached here with bpf(2) and its link fd kept.
+    """
 
     def __init__(self, bpf: object) -> None:
         self._bpf = bpf
         self.map_fds = {name: bpf[name].map_fd for name in MAPS}  # type: ignore[index]
+        self._links: dict[tuple[str, str], int] = {}
+        self._by_bcc: set[str] = set()  # raw tracepoints bcc attached
 
     def attach(self, hooks: Iterable[Hook]) -> None:
-        _attach_with_bcc(self._bpf, hooks)
+        from bcc import BPF
+
+        for hook in hooks:
+            if hook.kind == "raw_tracepoint" and hook.target in self._by_bcc:
+                program = self._bpf.load_func(hook.function, BPF.RAW_TRACEPOINT)  # type: ignore[attr-defined]
+                self._links[(hook.target, hook.function)] = open_raw_tracepoint(
+                    hook.target, program.fd
+                )
+                continue
+            _attach_with_bcc(self._bpf, (hook,))
+            if hook.kind == "raw_tracepoint":
+                self._by_bcc.add(hook.target)
 
     def detach(self, hooks: Iterable[Hook]) -> None:
         for hook in hooks:
             if hook.kind != "raw_tracepoint":
                 raise RuntimeError(f"cannot detach a {hook.kind} hook alone")
-            self._bpf.detach_raw_tracepoint(tp=hook.target)  # type: ignore[attr-defined]
+            link = self._links.pop((hook.target, hook.function), None)
+            if link is not None:
+                os.close(link)
+            elif hook.target in self._by_bcc:
+                self._bpf.detach_raw_tracepoint(tp=hook.target)  # type: ignore[attr-defined]
+                self._by_bcc.discard(hook.target)
 
     def close(self) -> None:
+        for link in self._links.values():
+            with contextlib.suppress(OSError):
+                os.close(link)
+        self._links.clear()
         bpf = self._bpf
         for _ in range(16):
             try:

@@ -351,3 +351,37 @@ def test_a_poll_reads_only_the_sockets_that_changed(harness):
             for client, server in pairs:
                 client.close()
                 server.close()
+
+
+def test_nested_lifecycle_handlers_alone_count_exactly(backend):
+    """The kernel never re-enters a program on a CPU: a lifecycle event that fires while
+    on_set_state/on_destroy runs there (a softirq interrupting process context) is skipped
+    for it and handled by its twin, which acts while the primary is marked busy. Here only
+    the twins are attached and 'busy' is forced on every CPU, so every event goes down the
+    twins' path: counts must be as exact as ever."""
+    import struct
+
+    from agent.ebpf.syscalls import MapHandle, possible_cpus
+    from agent.ebpf.tracing import Capacities
+    from tests.support.harness import Harness, open_test_tracer
+
+    tracer = open_test_tracer(backend, Capacities(sockets=4096, closed=4096))
+    try:
+        primaries = [h for h in tracer._plan.hooks if h.function in ("on_set_state", "on_destroy")]
+        assert len(primaries) == 2
+        tracer._program.detach(primaries)
+        cpus = possible_cpus()
+        busy = MapHandle(tracer._program.map_fds["lifecycle_busy"], 4, 8 * cpus)
+        for which in (0, 1):  # BUSY_SET_STATE, BUSY_DESTROY
+            busy.update(struct.pack("<I", which), struct.pack(f"<{cpus}Q", *[1] * cpus))
+        harness = Harness(tracer)
+        with listener() as lsock:
+            client, server = connect_pair(lsock)
+            exchange(client, server, 4321, 8765)
+            client.close()
+            server.close()
+            time.sleep(0.2)
+            harness.settle()
+            assert_connection(harness, service_of(lsock.getsockname()), 4321, 8765)
+    finally:
+        tracer.close()
