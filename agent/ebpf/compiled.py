@@ -87,8 +87,14 @@ def cache_key(source: bytes, cflags: list[str], *parts: str) -> str:
 
 
 def read_cached(path: Path) -> CompiledProgram | None:
-    """The program cached at ``path``, or None when there is none or it is unreadable."""
+    """The program cached at ``path``, or None when there is none, it is unreadable, or it
+    could have been written by someone else: instructions loaded into the kernel are only
+    taken from a file this user owns that nobody else may write (nor its directory)."""
     try:
+        for owned in (path, path.parent):
+            info = owned.stat()
+            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                return None
         return CompiledProgram.from_json(path.read_text())
     except (OSError, ValueError):
         return None

@@ -498,6 +498,12 @@ def compiled_program(
     compiled = read_cached(path)
     if compiled is not None:
         return compiled
+    if path.exists():
+        log.warning(
+            "compile cache %s not used (damaged, or writable by others than its owner): "
+            "compiling again",
+            path,
+        )
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         writable = os.access(cache_dir, os.W_OK)

@@ -72,3 +72,14 @@ def test_cache_key_changes_with_whatever_the_compile_depends_on() -> None:
     assert cache_key(b"int x;", ["-DA=2"], "6.1.0", "/usr/src/h") != base
     assert cache_key(b"int x;", ["-DA=1"], "6.18.0", "/usr/src/h") != base
     assert cache_key(b"int x;", ["-DA=1", "6.1.0"], "/usr/src/h") != base  # no ambiguity
+
+
+def test_a_cache_file_others_may_write_is_not_trusted(tmp_path: Path) -> None:
+    path = tmp_path / "cache" / "tracepoint-abc.json"
+    write_cached(path, PROGRAM)
+    assert read_cached(path) == PROGRAM
+    path.chmod(0o666)
+    assert read_cached(path) is None
+    path.chmod(0o600)
+    path.parent.chmod(0o777)
+    assert read_cached(path) is None
