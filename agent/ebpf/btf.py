@@ -71,7 +71,9 @@ class Btf:
         self._strings = bytes(blob[hdr_len + str_off : hdr_len + str_off + str_len])
         # type id -> byte offset of its record in the type section; id 0 is void.
         self._record: list[int] = [0]
-        self._by_name: dict[tuple[int, str], int] = {}
+        # (kind, offset of the name in the string section) -> type id; names are looked up
+        # by their offsets, so the ~70k names of a kernel's BTF are never decoded.
+        self._by_name: dict[tuple[int, int], int] = {}
         self._index()
 
     @classmethod
@@ -92,10 +94,26 @@ class Btf:
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
             self._record.append(pos)
             if kind in wanted and name_off:
-                name = self._string(name_off)
-                self._by_name.setdefault((kind, name), len(self._record) - 1)
+                self._by_name.setdefault((kind, name_off), len(self._record) - 1)
             fixed, per_item = _TRAILER.get(kind, (0, 0))
             pos += 12 + fixed + per_item * vlen
+
+    def _name_offsets(self, name: str) -> list[int]:
+        """Where ``name`` starts in the string section (deduplicated: usually one place)."""
+        needle, strings, found, start = b"\0" + name.encode() + b"\0", self._strings, [], 0
+        while (at := strings.find(needle, start)) >= 0:
+            found.append(at + 1)
+            start = at + 1
+        return found
+
+    def _lookup(self, kind: int, name: str) -> int | None:
+        """Type id of the first type of ``kind`` named ``name``, or None."""
+        ids = [
+            self._by_name[(kind, offset)]
+            for offset in self._name_offsets(name)
+            if (kind, offset) in self._by_name
+        ]
+        return min(ids) if ids else None
 
     def _string(self, offset: int) -> str:
         end = self._strings.index(b"\0", offset)
@@ -133,7 +151,7 @@ class Btf:
     def struct_id(self, name: str) -> int:
         """Type id of a struct or union by name, or of what a typedef names (``possible_net_t``)."""
         for kind in (KIND_STRUCT, KIND_UNION, KIND_TYPEDEF):
-            type_id = self._by_name.get((kind, name))
+            type_id = self._lookup(kind, name)
             if type_id is not None:
                 return self._resolve(type_id)
         raise BtfError(f"struct {name} not found in BTF")
@@ -195,11 +213,11 @@ class Btf:
 
     def has(self, kind: int, name: str) -> bool:
         """Whether a named type of that kind exists: ``has(KIND_FUNC, "tcp_sendpage")``."""
-        return (kind, name) in self._by_name
+        return self._lookup(kind, name) is not None
 
     def function_arity(self, function: str) -> int:
         """Number of parameters of a kernel function: ``"tcp_recvmsg"`` -> 5 on 6.1."""
-        func_id = self._by_name.get((KIND_FUNC, function))
+        func_id = self._lookup(KIND_FUNC, function)
         if func_id is None:
             raise BtfError(f"function {function} not found in BTF")
         proto = self._header(func_id)[4]
