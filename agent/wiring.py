@@ -16,20 +16,14 @@ from prometheus_client.registry import CollectorRegistry
 
 from agent.accounting import Accountant
 from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
-from agent.enrich.kubernetes import KubernetesEnricher
 from agent.enrich.local import LocalEnricher
 from agent.exporter import SelfMetric, TcpacctCollector
-from agent.k8s.cache import KubernetesCache
 from agent.k8s.client import api_client, in_cluster_available
-from agent.k8s.identity import IdentityRules
 from agent.metrics.catalogue import load_catalogue
 from agent.metrics.reloading import ConfigWatcher
 from agent.model import Enricher
 from agent.pipeline import Agent
-from agent.resolve.cgroups import CgroupResolver
-from agent.resolve.conntrack import ConntrackResolver
 from agent.resolve.listening import listening_sockets
-from agent.resolve.netns import NetnsResolver
 from agent.resolve.processes import ProcessNames
 from agent.serving import EndpointSecurity, Health, MetricsServer
 from agent.settings import Settings
@@ -82,6 +76,14 @@ def kubernetes_wanted(settings: Settings) -> bool:
 def _enrichment(settings: Settings, closers: list[Callable[[], None]]) -> EnrichmentMode:
     if not kubernetes_wanted(settings):
         return EnrichmentMode("local", LocalEnricher(ProcessNames(settings.proc_root).name))
+    # Kubernetes mode's parts are imported only here: local mode starts without them.
+    from agent.enrich.kubernetes import KubernetesEnricher
+    from agent.k8s.cache import KubernetesCache
+    from agent.k8s.identity import IdentityRules
+    from agent.resolve.cgroups import CgroupResolver
+    from agent.resolve.conntrack import ConntrackResolver
+    from agent.resolve.netns import NetnsResolver
+
     api = api_client(str(settings.kubeconfig) if settings.kubeconfig else None)
     cache = KubernetesCache(
         api,

@@ -6,7 +6,25 @@ resource kind; ``cache`` holds the records and answers lookups (pod by IP/UID, S
 ClusterIP or endpoint); ``client`` builds an API client from in-cluster config or a kubeconfig.
 """
 
-from agent.k8s.cache import CacheStats, KubernetesCache
-from agent.k8s.client import api_client, in_cluster_available
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names re-exported lazily (PEP 562): importing agent.k8s.client alone, as local mode does,
+# must not import the kubernetes package through agent.k8s.cache.
+_HOMES = {
+    "CacheStats": "agent.k8s.cache",
+    "KubernetesCache": "agent.k8s.cache",
+    "api_client": "agent.k8s.client",
+    "in_cluster_available": "agent.k8s.client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)
+
 
 __all__ = ["CacheStats", "KubernetesCache", "api_client", "in_cluster_available"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kubernetes import client, config
+if TYPE_CHECKING:
+    from kubernetes import client
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -27,8 +29,11 @@ def api_client(kubeconfig: str | None = None, *, context: str | None = None) -> 
     """A client for the kubeconfig at ``kubeconfig``, else for the in-cluster service account.
 
     Connection retries are left to the watch loop (with its own backoff), so urllib3 does not
-    retry on its own.
+    retry on its own. The kubernetes package is imported here, not with this module: an
+    agent in local mode never pays for it (a fifth of a second at start).
     """
+    from kubernetes import client, config
+
     configuration = client.Configuration()
     if kubeconfig:
         config.load_kube_config(

@@ -5,9 +5,27 @@ Every filesystem root is a parameter (``proc_root="/proc"``) so a DaemonSet can 
 host's through ``/host/proc`` and unit tests can read fixture trees.
 """
 
-from agent.resolve.cgroups import CgroupResolver, ContainerRef, parse_cgroup_file
-from agent.resolve.conntrack import ConntrackResolver
-from agent.resolve.netns import NetnsResolver
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names re-exported lazily (PEP 562): local mode imports agent.resolve.listening and
+# .processes only, not pyroute2 through .conntrack.
+_HOMES = {
+    "CgroupResolver": "agent.resolve.cgroups",
+    "ContainerRef": "agent.resolve.cgroups",
+    "parse_cgroup_file": "agent.resolve.cgroups",
+    "ConntrackResolver": "agent.resolve.conntrack",
+    "NetnsResolver": "agent.resolve.netns",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)
+
 
 __all__ = [
     "CgroupResolver",
