@@ -205,7 +205,7 @@ def measure_live(count: int, plan: CostPlan, backend: str) -> list[Figure]:
             title=f"agent RSS with {label} live connections",
             unit="MiB",
             method="VmRSS of the agent process after the polls (RssAnon: its own heap; "
-            "RssFile: mapped files, mostly libbcc's LLVM).",
+            "RssFile: mapped files).",
             value=summarise([memory["rss_kib"] / 1024]),
             target=RSS_TARGET,
             details={

@@ -251,6 +251,52 @@ def _accuracy_figure(key: str, title: str, checks: list[list[dict[str, Any]]]) -
     )
 
 
+EMPTY_PROGRAM = "int on_any(struct bpf_raw_tracepoint_args *ctx) { return 0; }"
+
+
+def measure_floor(probe: AgentProbe, plan: DatapathPlan) -> Figure:
+    """The TCP send+recv loop with an empty raw-tracepoint program on the same two
+    tracepoints and nothing else: what any program there costs on this machine (the
+    tracepoint's dispatch, with its Spectre/SRSO call and return mitigations), against
+    which tcpacct's ``added`` is to be read."""
+    from agent.ebpf.headers import apply_headers, choose_headers
+
+    apply_headers(choose_headers())
+    from bcc import BPF
+
+    _off(probe)
+    bpf = BPF(text=EMPTY_PROGRAM)
+    on: list[float] = []
+    off: list[float] = []
+    try:
+        for pair in range(plan.pairs):
+            for mode in ("on", "off") if pair % 2 == 0 else ("off", "on"):
+                if mode == "on":
+                    for tracepoint in ("sock_send_length", "sock_recv_length"):
+                        bpf.attach_raw_tracepoint(tp=tracepoint, fn_name="on_any")
+                moved = send_recv(plan.send_recv_calls, LOOP_CPU, plan.loop_blocks)
+                (on if mode == "on" else off).append(moved.fastest_ns_per_call)
+                if mode == "on":
+                    for tracepoint in ("sock_send_length", "sock_recv_length"):
+                        bpf.detach_raw_tracepoint(tp=tracepoint)
+    finally:
+        bpf.cleanup()
+        _on(probe)
+    return Figure(
+        key="datapath.send_recv_ns_per_call.empty_program",
+        title="TCP 1-byte send+recv, ns per call, with an empty raw-tracepoint program (the floor)",
+        unit="ns",
+        method=f"as the TCP send+recv figure (same C loop, CPU {LOOP_CPU}, fastest block), with "
+        f"tcpacct detached and `{EMPTY_PROGRAM}` attached to sock_send_length and "
+        f"sock_recv_length (on) or nothing (off); {plan.pairs} on/off pairs, order "
+        "alternating. tcpacct's own program costs its added minus this.",
+        on=summarise(on),
+        off=summarise(off),
+        ratio=paired_ratio(on, off),
+        added=paired_difference(on, off),
+    )
+
+
 def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> list[Figure]:
     probe.request({"cmd": "watch", "ports": "all"})
     figures = []
@@ -291,6 +337,12 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
                 series.checks,
             )
         )
+    if backend == "tracepoint":
+        floor = measure_floor(probe, plan)
+        figures.append(floor)
+        for figure in figures:
+            if figure.key == f"datapath.send_recv_ns_per_call.{backend}" and floor.added:
+                figure.details["empty_program_added_ns"] = floor.added.median
     return figures
 
 

@@ -70,8 +70,8 @@ def memory_kib(status: Path = Path("/proc/self/status")) -> dict[str, int]:
     """Resident memory from /proc/<pid>/status.
 
     ``"VmRSS:\\t  51234 kB"`` -> ``{"rss_kib": 51234, ...}``; also ``hwm_kib`` (peak),
-    ``rss_anon_kib`` (heap, the agent's own data) and ``rss_file_kib`` (mapped files: mostly
-    libbcc's LLVM, shared with every other bcc process).
+    ``rss_anon_kib`` (heap, the agent's own data) and ``rss_file_kib`` (mapped files: the
+    interpreter's libraries; libbcc's LLVM only on the fentry/kprobe backends).
     """
     out = dict.fromkeys(STATUS_FIELDS.values(), 0)
     for line in status.read_text().splitlines():

@@ -104,18 +104,25 @@ def why(figure: Figure) -> str:
     the three functions with the most own time in the profiled poll; noisy ratios -> so.
     """
     d = figure.details
+    if "empty_program_added_ns" in d and figure.added is not None:
+        floor = d["empty_program_added_ns"]
+        return (
+            f"an empty program on the same tracepoints adds {floor:.0f} ns here (the "
+            f"tracepoint's dispatch, with Spectre/SRSO mitigations); tcpacct's own work "
+            f"{figure.added.median - floor:.0f} ns (one hash lookup, one atomic add)"
+        )
     if "rss_anon_mib" in d and "rss_file_mib" in d:
         anon, mapped = _first(d["rss_anon_mib"]), _first(d["rss_file_mib"])
         if anon is not None and mapped is not None:
             return (
                 f"RssAnon {anon:.0f} MiB (the agent's heap) + RssFile {mapped:.0f} MiB "
-                "(mapped files: libbcc with LLVM/clang)"
+                "(mapped files: the interpreter and its libraries)"
             )
     if "http_answering_s" in d and "attached_s" in d:
         http, attached = _first(sorted(d["http_answering_s"])), _first(sorted(d["attached_s"]))
         if http is not None and attached is not None and figure.value is not None:
             return (
-                f"interpreter + imports until HTTP answers {http:.2f} s, BPF compile + attach "
+                f"interpreter + imports until HTTP answers {http:.2f} s, BPF load + attach "
                 f"{attached - http:.2f} s, first poll {figure.value.median - attached:.2f} s "
                 "(medians)"
             )
