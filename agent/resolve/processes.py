@@ -10,7 +10,9 @@ from pathlib import Path
 class ProcessNames:
     """``name(1234)`` -> ``"nginx"`` (the ``comm`` of the process), None once it is gone.
 
-    Cached (bounded, LRU): a connection's process is looked up once, not every poll.
+    Cached (bounded, LRU): a connection's process is looked up once, not every poll. A pid
+    that is gone is cached as gone too: a short-lived process's many connections (and those
+    of a server that exited) cost one failed read, not one each.
     """
 
     def __init__(self, proc_root: Path = Path("/proc"), capacity: int = 16384) -> None:
@@ -26,8 +28,7 @@ class ProcessNames:
             name = (self._proc / str(pid) / "comm").read_text().rstrip("\n") or None
         except (OSError, UnicodeDecodeError):
             name = None  # exited while we looked, or never visible to us
-        if name is not None:
-            self._cache[pid] = name
-            if len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
+        self._cache[pid] = name
+        if len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
         return name
