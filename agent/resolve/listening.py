@@ -5,20 +5,88 @@ older than the agent it needs the listening sockets (a local listener on the soc
 makes it the server end), and for new connections accepted from a listener older than the
 agent it takes the listener's owner as the process. Both come from this snapshot at start.
 
-Read from ``<proc>/<pid>/net/tcp{,6}`` once per network namespace, owners from
-``<proc>/<pid>/fd``.
+Read once per network namespace: the agent's own with a sock_diag netlink dump the kernel
+filters to LISTEN sockets (``/proc/net/tcp`` also lists every TIME_WAIT socket: 200k of them
+after a burst of short connections take a second to print and parse), every other one from
+``<proc>/<pid>/net/tcp{,6}``. Owners from ``<proc>/<pid>/fd``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 from agent.model import ListeningSocket
 
 TCP_LISTEN = "0A"
+
+# sock_diag (linux/inet_diag.h): an inet_diag_req_v2 for TCP sockets in the given states.
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_DONE, NLMSG_ERROR = 3, 2
+_NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_DIAG_REQ = struct.Struct("=BBBxI48x")  # family, protocol, ext, pad, states, inet_diag_sockid
+# inet_diag_msg: family, state, timer, retrans, sport (be), dport (be), src, dst, if,
+# cookie, expires, rqueue, wqueue, uid, inode
+_DIAG_MSG_HEAD = struct.Struct("=BBBB")
+_DIAG_PORT = struct.Struct(">H")
+_DIAG_INODE_OFFSET = 4 + 48 + 4 * 4  # after the sock id, expires, rqueue, wqueue, uid
+
+
+def parse_diag_listeners(data: bytes) -> tuple[list[tuple[int, int]], bool]:
+    """(port, inode) of the inet_diag_msg records in one netlink read, and whether the
+    dump is done.
+
+    A record for a socket listening on port 8080 with inode 12345 -> ``([(8080, 12345)],
+    False)``; a read ending in NLMSG_DONE -> ``(..., True)``. An NLMSG_ERROR raises OSError.
+    """
+    found: list[tuple[int, int]] = []
+    offset = 0
+    while offset + _NLMSG.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
+        if length < _NLMSG.size:
+            break
+        body = offset + _NLMSG.size
+        if kind == NLMSG_DONE:
+            return found, True
+        if kind == NLMSG_ERROR:
+            (error,) = struct.unpack_from("=i", data, body)
+            if error:
+                raise OSError(-error, os.strerror(-error))
+        elif kind == SOCK_DIAG_BY_FAMILY:
+            (port,) = _DIAG_PORT.unpack_from(data, body + 4)
+            (inode,) = struct.unpack_from("=I", data, body + _DIAG_INODE_OFFSET)
+            found.append((port, inode))
+        offset += (length + 3) & ~3
+    return found, False
+
+
+def diag_listeners() -> dict[int, int]:
+    """inode -> port of every listening TCP socket in this process's network namespace."""
+    ports_by_inode: dict[int, int] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
+        sock.settimeout(5)
+        for sequence, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+            request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << 10)  # TCP_LISTEN
+            header = _NLMSG.pack(
+                _NLMSG.size + len(request),
+                SOCK_DIAG_BY_FAMILY,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                sequence,
+                0,
+            )
+            sock.send(header + request)
+            done = False
+            while not done:
+                records, done = parse_diag_listeners(sock.recv(65536))
+                for port, inode in records:
+                    ports_by_inode[inode] = port
+    return ports_by_inode
 
 
 def parse_listeners(table: str) -> Iterator[tuple[int, int]]:
@@ -66,10 +134,14 @@ def listening_sockets(proc: Path = Path("/proc")) -> list[ListeningSocket]:
             netns = _netns_inode(proc, entry)
             if netns is not None:
                 pids_by_netns.setdefault(netns, []).append(entry)
+    own_netns = _netns_inode(Path("/proc"), "self")
     found: list[ListeningSocket] = []
     for netns, pids in pids_by_netns.items():
         ports_by_inode: dict[int, int] = {}
-        for pid in pids:  # any process of the namespace will do; some exit while we read
+        if netns == own_netns:
+            with contextlib.suppress(OSError):  # sock_diag refused: read /proc below
+                ports_by_inode = diag_listeners()
+        for pid in [] if ports_by_inode else pids:  # any process of the namespace will do
             try:
                 tables = [(proc / pid / "net" / "tcp").read_text()]
             except OSError:

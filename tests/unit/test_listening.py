@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
 from pathlib import Path
 
+import pytest
+
 from agent.model import ListeningSocket
-from agent.resolve.listening import listening_sockets, parse_listeners
+from agent.resolve.listening import (
+    diag_listeners,
+    listening_sockets,
+    parse_diag_listeners,
+    parse_listeners,
+)
 
 TCP_HEADER = (
     "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
@@ -166,3 +175,32 @@ def test_a_vanished_first_process_does_not_hide_its_namespace(tmp_path, monkeypa
     real_listdir = os.listdir
     monkeypatch.setattr(os, "listdir", lambda path: sorted(real_listdir(path)))  # 10 first
     assert listening_sockets(proc) == [ListeningSocket(POD_NETNS, 8080, 11, "pod-app")]
+
+
+def diag_record(port: int, inode: int, family: int = 2) -> bytes:
+    """One netlink message carrying an inet_diag_msg (linux/inet_diag.h layout)."""
+    body = struct.pack("=BBBB", family, 10, 0, 0)  # family, state LISTEN, timer, retrans
+    body += struct.pack(">HH", port, 0) + bytes(16 + 16) + struct.pack("=I", 0) + bytes(8)
+    body += struct.pack("=IIIII", 0, 0, 0, 0, inode)  # expires, rqueue, wqueue, uid, inode
+    return struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
+
+
+def test_parse_diag_listeners_reads_port_and_inode() -> None:
+    data = diag_record(8080, 12345) + diag_record(22, 23456, family=10)
+    assert parse_diag_listeners(data) == ([(8080, 12345), (22, 23456)], False)
+    done = struct.pack("=IHHII", 20, 3, 2, 1, 0) + bytes(4)
+    assert parse_diag_listeners(diag_record(80, 7) + done) == ([(80, 7)], True)
+
+
+def test_parse_diag_listeners_raises_the_kernels_error() -> None:
+    error = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -1) + bytes(16)
+    with pytest.raises(OSError):
+        parse_diag_listeners(error)
+
+
+def test_diag_listeners_finds_a_listener_of_this_process() -> None:
+    """The real kernel: sock_diag needs no privilege to dump this namespace's listeners."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        inode = os.fstat(server.fileno()).st_ino
+        assert diag_listeners().get(inode) == port
