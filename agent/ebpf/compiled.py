@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = 1
+FORMAT = 2  # 2: per-CPU maps keep one CPU's value size (format 1 kept all CPUs')
 
 
 @dataclass(frozen=True, slots=True)

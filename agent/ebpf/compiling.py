@@ -42,7 +42,9 @@ def compile_program(
                     name=name,
                     map_type=int(table.ttype),
                     key_size=ctypes.sizeof(table.Key),
-                    value_size=ctypes.sizeof(table.Leaf),
+                    # bcc's Leaf of a per-CPU map is the array of every CPU's values;
+                    # the map's value size is one CPU's (sLeaf).
+                    value_size=ctypes.sizeof(getattr(table, "sLeaf", table.Leaf)),
                     max_entries=int(table.max_entries),
                     flags=int(table.flags),
                     compiled_fd=int(table.map_fd),

@@ -25,6 +25,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_PROG_LOAD = 5
+BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
@@ -133,6 +134,38 @@ class _RawTracepointAttr(ctypes.Structure):
         ("prog_fd", ctypes.c_uint32),
         ("_pad", ctypes.c_uint8 * (_ATTR_SIZE - 12)),
     ]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+        ("_pad", ctypes.c_uint8 * (_ATTR_SIZE - 16)),
+    ]
+
+
+def map_sizes(fd: int) -> tuple[int, int]:
+    """(key size, value size) of the map at ``fd``, as the kernel holds it (for a per-CPU
+    map the value size is one CPU's)."""
+    info = _MapInfo()
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)),
+    )
+    return int(info.key_size), int(info.value_size)
 
 
 def create_map(

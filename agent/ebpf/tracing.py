@@ -61,6 +61,7 @@ from agent.ebpf.syscalls import (
     BatchAttr,
     MapHandle,
     bpf_errno,
+    map_sizes,
     open_raw_tracepoint,
     possible_cpus,
 )
@@ -84,6 +85,15 @@ MAPS = (
 LISTENER_KEY = struct.Struct("<IHH")  # struct listener_key
 PROCESS_INFO = struct.Struct("<I16s")  # struct process_info
 U32 = struct.Struct("<I")
+# (key size, value size) of each map user space reads or writes (per-CPU: one CPU's value)
+EXPECTED_SIZES = {
+    "socks": (8, SOCK_INFO_SIZE),
+    "closed": (8, SOCK_INFO_SIZE),
+    "changed": (8, 1),
+    "counters": (4, 8),
+    "poll_round": (4, 4),
+    "listeners": (8, 20),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +251,11 @@ class KernelTracer:
         self._lock = threading.Lock()
         self._closed = False
         fds = program.map_fds
+        for name, sizes in EXPECTED_SIZES.items():  # a wrong size would overrun read buffers
+            if map_sizes(fds[name]) != sizes:
+                raise RuntimeError(
+                    f"map {name}: key/value sizes {map_sizes(fds[name])}, expected {sizes}"
+                )
         self._socks = _BatchReader(fds["socks"], 8, SOCK_INFO_SIZE, capacities.sockets)
         self._entries = MapHandle(fds["socks"], 8, SOCK_INFO_SIZE)
         self._changes = _BatchReader(fds["changed"], 8, 1, capacities.sockets)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.ebpf.backends import BackendUnavailable
+from agent.ebpf.compiled import read_cached
 from agent.ebpf.tracing import Capacities, compile_only, open_tracer
 
 
@@ -56,6 +57,11 @@ def test_the_tracepoint_program_is_compiled_once_into_the_cache(tmp_path: Path, 
         pytest.skip(f"tracepoint backend not here: {error}")
     (cached,) = tmp_path.iterdir()
     first = cached.read_bytes()
+    specs = {spec.name: spec for spec in read_cached(cached).maps}
+    # per-CPU maps keep one CPU's value size (u64 counters, u32 busy flags), not bcc's
+    # every-CPU array: a wrong size would misread CPUs and overrun read buffers
+    assert (specs["counters"].value_size, specs["lifecycle_busy"].value_size) == (8, 4)
+    assert (specs["socks"].value_size, specs["changed"].value_size) == (96, 1)
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled although the cache holds the program")
@@ -68,7 +74,7 @@ def test_the_tracepoint_program_is_compiled_once_into_the_cache(tmp_path: Path, 
         tracer.close()
     assert [p.name for p in tmp_path.iterdir()] == [cached.name]
     monkeypatch.undo()
-    cached.write_text('{"format": 1, "maps": [')
+    cached.write_text('{"format": 2, "maps": [')
     tracing.open_tracer("tracepoint", capacities=small, compile_cache=tmp_path).close()
     assert cached.read_bytes() == first
 

@@ -55,7 +55,7 @@ def test_compiled_program_survives_the_cache(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "{", '{"format": 99}', '{"format": 1, "maps": []}', '{"format": 1, "maps": [{}]}']
+    "text", ["", "{", '{"format": 99}', '{"format": 2, "maps": []}', '{"format": 2, "maps": [{}]}']
 )
 def test_a_broken_cache_file_reads_as_missing(tmp_path: Path, text: str) -> None:
     path = tmp_path / "x.json"
