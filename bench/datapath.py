@@ -254,46 +254,59 @@ def _accuracy_figure(key: str, title: str, checks: list[list[dict[str, Any]]]) -
 EMPTY_PROGRAM = "int on_any(struct bpf_raw_tracepoint_args *ctx) { return 0; }"
 
 
-def measure_floor(probe: AgentProbe, plan: DatapathPlan) -> Figure:
-    """The TCP send+recv loop with an empty raw-tracepoint program on the same two
-    tracepoints and nothing else: what any program there costs on this machine (the
-    tracepoint's dispatch, with its Spectre/SRSO call and return mitigations), against
-    which tcpacct's ``added`` is to be read."""
+def measure_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
+    """The TCP send+recv loop in rotating triplets of rounds: nothing attached, an empty
+    raw-tracepoint program on the same two tracepoints, and tcpacct. The empty program is
+    what any program there costs on this machine (the tracepoint's dispatch, with its
+    Spectre/SRSO call and return mitigations); tcpacct's own work is its round minus the
+    empty program's in the same triplet, so both see the same machine."""
     from agent.ebpf.headers import apply_headers, choose_headers
 
     apply_headers(choose_headers())
     from bcc import BPF
 
-    _off(probe)
+    tracepoints = ("sock_send_length", "sock_recv_length")
     bpf = BPF(text=EMPTY_PROGRAM)
-    on: list[float] = []
-    off: list[float] = []
+    values: dict[str, list[float]] = {"off": [], "empty": [], "agent": []}
+    order = ["off", "empty", "agent"]
     try:
-        for pair in range(plan.pairs):
-            for mode in ("on", "off") if pair % 2 == 0 else ("off", "on"):
-                if mode == "on":
-                    for tracepoint in ("sock_send_length", "sock_recv_length"):
+        _off(probe)
+        for triplet in range(plan.pairs):
+            for mode in order[triplet % 3 :] + order[: triplet % 3]:
+                if mode == "empty":
+                    for tracepoint in tracepoints:
                         bpf.attach_raw_tracepoint(tp=tracepoint, fn_name="on_any")
+                elif mode == "agent":
+                    _on(probe)
                 moved = send_recv(plan.send_recv_calls, LOOP_CPU, plan.loop_blocks)
-                (on if mode == "on" else off).append(moved.fastest_ns_per_call)
-                if mode == "on":
-                    for tracepoint in ("sock_send_length", "sock_recv_length"):
+                values[mode].append(moved.fastest_ns_per_call)
+                if mode == "empty":
+                    for tracepoint in tracepoints:
                         bpf.detach_raw_tracepoint(tp=tracepoint)
+                elif mode == "agent":
+                    _off(probe)
     finally:
         bpf.cleanup()
         _on(probe)
+    own = paired_difference(values["agent"], values["empty"])
     return Figure(
         key="datapath.send_recv_ns_per_call.empty_program",
         title="TCP 1-byte send+recv, ns per call, with an empty raw-tracepoint program (the floor)",
         unit="ns",
-        method=f"as the TCP send+recv figure (same C loop, CPU {LOOP_CPU}, fastest block), with "
-        f"tcpacct detached and `{EMPTY_PROGRAM}` attached to sock_send_length and "
-        f"sock_recv_length (on) or nothing (off); {plan.pairs} on/off pairs, order "
-        "alternating. tcpacct's own program costs its added minus this.",
-        on=summarise(on),
-        off=summarise(off),
-        ratio=paired_ratio(on, off),
-        added=paired_difference(on, off),
+        method=f"as the TCP send+recv figure (same C loop, CPU {LOOP_CPU}, fastest block), in "
+        f"{plan.pairs} triplets of rounds in rotating order: nothing attached (off), "
+        f"`{EMPTY_PROGRAM}` on sock_send_length and sock_recv_length (on), and tcpacct "
+        "(details.tcpacct_minus_empty_ns: tcpacct's own work, per triplet).",
+        on=summarise(values["empty"]),
+        off=summarise(values["off"]),
+        ratio=paired_ratio(values["empty"], values["off"]),
+        added=paired_difference(values["empty"], values["off"]),
+        details={
+            "tcpacct_ns": summarise(values["agent"]).as_dict(),
+            "tcpacct_added_ns": paired_difference(values["agent"], values["off"]).as_dict(),
+            "tcpacct_minus_empty_ns": own.as_dict(),
+            "backend": backend,
+        },
     )
 
 
@@ -338,11 +351,12 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
             )
         )
     if backend == "tracepoint":
-        floor = measure_floor(probe, plan)
+        floor = measure_floor(probe, plan, backend)
         figures.append(floor)
         for figure in figures:
             if figure.key == f"datapath.send_recv_ns_per_call.{backend}" and floor.added:
                 figure.details["empty_program_added_ns"] = floor.added.median
+                figure.details["own_work_ns"] = floor.details["tcpacct_minus_empty_ns"]["median"]
     return figures
 
 

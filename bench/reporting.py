@@ -104,12 +104,12 @@ def why(figure: Figure) -> str:
     the three functions with the most own time in the profiled poll; noisy ratios -> so.
     """
     d = figure.details
-    if "empty_program_added_ns" in d and figure.added is not None:
-        floor = d["empty_program_added_ns"]
+    if "empty_program_added_ns" in d and "own_work_ns" in d:
         return (
-            f"an empty program on the same tracepoints adds {floor:.0f} ns here (the "
-            f"tracepoint's dispatch, with Spectre/SRSO mitigations); tcpacct's own work "
-            f"{figure.added.median - floor:.0f} ns (one hash lookup, one atomic add)"
+            f"an empty program on the same tracepoints adds {d['empty_program_added_ns']:.0f} "
+            "ns here (the tracepoint's dispatch, with Spectre/SRSO mitigations); tcpacct's own "
+            f"work {d['own_work_ns']:.0f} ns over it (one hash lookup, one atomic add), both "
+            "from rotating triplets of rounds (off, empty program, tcpacct)"
         )
     if "rss_anon_mib" in d and "rss_file_mib" in d:
         anon, mapped = _first(d["rss_anon_mib"]), _first(d["rss_file_mib"])
