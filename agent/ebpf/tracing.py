@@ -49,7 +49,6 @@ from agent.ebpf.decoding import (
     SockInfo,
     decode_comm,
     decode_counters,
-    decode_raw,
     encode_port,
 )
 from agent.ebpf.headers import apply_headers, choose_headers
@@ -278,8 +277,9 @@ class KernelTracer:
 
     # -- reading -----------------------------------------------------------------------
     def _decode_finished(self, raw: memoryview) -> list[SocketSample]:
+        decode, samples = self._decoder.decode, self._samples  # callers hold self._lock
         return [
-            decode_raw(raw[offset : offset + SOCK_INFO_SIZE])
+            decode(raw[offset : offset + SOCK_INFO_SIZE], samples)
             for offset in range(0, len(raw), SOCK_INFO_SIZE)
         ]
 

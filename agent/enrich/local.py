@@ -11,6 +11,7 @@ end when it is on this host, else the remote address; ``destination_service`` is
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import sys
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from agent.model import (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address).is_loopback
@@ -41,8 +43,14 @@ class LocalEnricher:
     the kernel recorded is the fallback.
     """
 
-    def __init__(self, process_name: Callable[[int], str | None]) -> None:
+    def __init__(
+        self, process_name: Callable[[int], str | None], identities_kept: int = 16384
+    ) -> None:
         self._process_name = process_name
+        # (endpoint, workload) -> its PeerIdentity: a server end is named once for all its
+        # connections, and a client end once for both of its sockets' views
+        self._identities: dict[tuple[Endpoint, str], PeerIdentity] = {}
+        self._identities_kept = identities_kept
 
     def _name(self, sample: SocketSample) -> str | None:
         if not sample.pid:
@@ -74,6 +82,12 @@ class LocalEnricher:
             service=ServiceIdentity(host=sys.intern(str(sample.server))),
         )
 
-    @staticmethod
-    def _identity(endpoint: Endpoint, workload: str) -> PeerIdentity:
-        return PeerIdentity(workload=workload, ip=endpoint.address, port=endpoint.port)
+    def _identity(self, endpoint: Endpoint, workload: str) -> PeerIdentity:
+        key = (endpoint, workload)
+        identity = self._identities.get(key)
+        if identity is None:
+            if len(self._identities) >= self._identities_kept:
+                self._identities.clear()  # only a saving: start over past the bound
+            identity = PeerIdentity(workload=workload, ip=endpoint.address, port=endpoint.port)
+            self._identities[key] = identity
+        return identity
