@@ -23,49 +23,24 @@ The program ends when its stdin closes.
 from __future__ import annotations
 
 import socket
-import struct
 import sys
 import threading
 import time
+from pathlib import Path
 
-HEADER = struct.Struct("!II")
-CHUNK = 65536
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, in a netns
+from request_wire import CHUNK, HEADER, answer_requests
+
 TIMEOUT = 15.0
 
 served: dict[int, list[int]] = {}  # port -> [read, written, closed]
 served_changed = threading.Condition()
 
 
-def read_exactly(connection: socket.socket, size: int) -> bytes | None:
-    """``size`` bytes, or ``None`` at a clean end of stream before the first byte."""
-    parts = []
-    got = 0
-    while got < size:
-        data = connection.recv(min(CHUNK, size - got))
-        if not data:
-            if got == 0:
-                return None
-            raise ConnectionError(f"peer closed after {got} of {size} bytes")
-        parts.append(data)
-        got += len(data)
-    return b"".join(parts)
-
-
 def serve(connection: socket.socket, port: int) -> None:
-    read = written = 0
     with connection:
         connection.settimeout(120.0)
-        while True:
-            header = read_exactly(connection, HEADER.size)
-            if header is None:
-                break
-            payload, response = HEADER.unpack(header)
-            read += HEADER.size
-            if payload and read_exactly(connection, payload) is None:
-                raise ConnectionError("peer closed before the payload")
-            read += payload
-            connection.sendall(b"s" * response)
-            written += response
+        read, written = answer_requests(connection, b"s")
     with served_changed:
         totals = served.setdefault(port, [0, 0, 0])
         totals[0] += read

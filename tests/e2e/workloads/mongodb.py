@@ -5,54 +5,27 @@ once every port is bound, then for each connection, when the client has closed i
 
     closed <port> <bytes read> <bytes written>
 
-Wire protocol (the client side is ``ratings.py``): each request is an 8-byte header
-``struct.pack("!II", payload_length, response_length)`` followed by ``payload_length`` bytes;
-the answer is ``response_length`` bytes. A connection may carry any number of requests.
-Example: header ``(1000, 5000)`` + 1000 bytes in -> 5000 bytes out; this end then has read
-1008 bytes and written 5000.
+Wire protocol: tests/support/request_wire.py (the client side is ``ratings.py``): header
+``(1000, 5000)`` + 1000 bytes in -> 5000 bytes out; this end then has read 1008 bytes and
+written 5000.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 import sys
 import threading
+from pathlib import Path
 
-HEADER = struct.Struct("!II")
-CHUNK = 65536
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))  # run as a script
+from request_wire import answer_requests
+
 print_lock = threading.Lock()
 
 
-def read_exactly(connection: socket.socket, size: int) -> bytes | None:
-    """``size`` bytes, or ``None`` at a clean end of stream before the first byte."""
-    parts = []
-    got = 0
-    while got < size:
-        data = connection.recv(min(CHUNK, size - got))
-        if not data:
-            if got == 0:
-                return None
-            raise ConnectionError(f"peer closed after {got} of {size} bytes")
-        parts.append(data)
-        got += len(data)
-    return b"".join(parts)
-
-
 def serve(connection: socket.socket, port: int) -> None:
-    read = written = 0
     with connection:
-        while True:
-            header = read_exactly(connection, HEADER.size)
-            if header is None:
-                break
-            payload_length, response_length = HEADER.unpack(header)
-            read += HEADER.size
-            if payload_length and read_exactly(connection, payload_length) is None:
-                raise ConnectionError("peer closed before the payload")
-            read += payload_length
-            connection.sendall(b"m" * response_length)
-            written += response_length
+        read, written = answer_requests(connection, b"m")
     with print_lock:
         print("closed", port, read, written, flush=True)
 
