@@ -97,33 +97,7 @@ def decode_raw(raw: bytes | memoryview) -> SocketSample:
     Endpoint("127.0.0.1", 5000), Endpoint("127.0.0.1", 80), Role.CLIENT, SocketFlag.OPENED,
     4026531840, 42, "curl")``.
     """
-    (
-        sid,
-        sent,
-        received,
-        local,
-        remote,
-        local_port,
-        remote_port,
-        family,
-        role,
-        flags,
-        netns,
-        tgid,
-        comm,
-    ) = SOCK_INFO.unpack(raw)
-    return SocketSample(
-        sid,
-        sent,
-        received,
-        Endpoint(decode_address(family, local), socket.ntohs(local_port)),
-        Endpoint(decode_address(family, remote), socket.ntohs(remote_port)),
-        _ROLES.get(role, Role.UNKNOWN),
-        _FLAGS[flags & 0xF],
-        netns,
-        tgid,
-        decode_comm(comm),
-    )
+    return _DECODER.decode(raw, _NOTHING_BEFORE)
 
 
 class SampleDecoder:
@@ -205,6 +179,10 @@ class SampleDecoder:
             tgid,
             name,
         )
+
+
+_DECODER = SampleDecoder()  # shared: its caches only save work (dict operations hold the GIL)
+_NOTHING_BEFORE: Mapping[int, SocketSample] = {}
 
 
 def decode_counters(per_index_sums: Sequence[int]) -> KernelCounters:

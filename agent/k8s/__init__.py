@@ -8,8 +8,7 @@ ClusterIP or endpoint); ``client`` builds an API client from in-cluster config o
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from agent.lazy_exports import lazy_exports
 
 # Names re-exported lazily (PEP 562): importing agent.k8s.client alone, as local mode does,
 # must not import the kubernetes package through agent.k8s.cache.
@@ -20,11 +19,7 @@ _HOMES = {
     "in_cluster_available": "agent.k8s.client",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_exports(__name__, _HOMES)
 
 
 __all__ = ["CacheStats", "KubernetesCache", "api_client", "in_cluster_available"]

@@ -7,8 +7,7 @@ host's through ``/host/proc`` and unit tests can read fixture trees.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from agent.lazy_exports import lazy_exports
 
 # Names re-exported lazily (PEP 562): local mode imports agent.resolve.listening and
 # .processes only, not pyroute2 through .conntrack.
@@ -20,11 +19,7 @@ _HOMES = {
     "NetnsResolver": "agent.resolve.netns",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_exports(__name__, _HOMES)
 
 
 __all__ = [
