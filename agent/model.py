@@ -162,7 +162,9 @@ class KernelPoll:
     # The live sockets whose counters or lifecycle changed since the reader's last poll
     # (None: all of them). Lets accounting skip the unchanged majority of a large node.
     changed: tuple[SocketSample, ...] | None = None
-    by_id: Mapping[int, SocketSample] | None = None  # live, by socket id (when the reader has it)
+    # live, by socket id, when the reader has it: may be a view of the reader's own table,
+    # valid until its next poll (accounting reads it within the poll it came with)
+    by_id: Mapping[int, SocketSample] | None = None
 
     def live_by_id(self) -> dict[int, SocketSample]:
         return {sample.socket_id: sample for sample in self.live}

@@ -26,6 +26,7 @@ import struct
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,8 +358,12 @@ class KernelTracer:
             samples = self._samples
             for sample in finished:
                 samples.pop(sample.socket_id, None)
-            by_id = dict(samples)
-        return KernelPoll(counters, tuple(by_id.values()), tuple(finished), tuple(changed), by_id)
+            live = tuple(samples.values())
+        # by_id is a read-only view of the reader's own table (no copy of 200k entries per
+        # poll): it holds until the next poll, which is all accounting needs of it.
+        return KernelPoll(
+            counters, live, tuple(finished), tuple(changed), types.MappingProxyType(samples)
+        )
 
     def drain(self) -> int:
         """Move finished sockets' final counts out of the kernel's closed map into memory.
