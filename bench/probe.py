@@ -37,7 +37,6 @@ import cProfile
 import io
 import json
 import logging
-import os
 import pstats
 import sys
 import threading
@@ -46,8 +45,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.accounting import Accountant
-from agent.ebpf.backends import Hook, plan_backend
-from agent.ebpf.btf import Btf
 from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
 from agent.enrich.local import LocalEnricher
 from agent.metrics.catalogue import load_catalogue
@@ -94,12 +91,6 @@ def sample_record(sample: SocketSample) -> dict[str, Any]:
     }
 
 
-def backend_hooks(backend: str) -> tuple[Hook, ...]:
-    """The hooks ``open_tracer`` attached for ``backend`` (lifecycle first)."""
-    btf = Btf.from_path(Path("/sys/kernel/btf/vmlinux"))
-    return plan_backend(backend, btf, release=os.uname().release).hooks
-
-
 class ProbedAgent:
     """Tracer + accountant + optional poller thread, with per-poll CPU accounting."""
 
@@ -110,7 +101,6 @@ class ProbedAgent:
         self.lock = threading.Lock()
         self.attached = threading.Event()
         self.attached.set()
-        self.hooks = backend_hooks(tracer.backend)
         self.watched: set[int] | None = set()  # None: every socket
         self.ledger: dict[int, SocketSample] = {}
         self.poller_cpu: list[float] = []

@@ -2,7 +2,8 @@
 
 ``LoadedProgram(compiled)`` creates the maps again, rewrites the map fds in each function's
 instructions, loads every function as a raw-tracepoint program and attaches them on
-request. Nothing of bcc or LLVM is in the process. Every fd is closed by :meth:`close`
+request (``attach(hooks)``: anything with ``target``, the tracepoint, and ``function``).
+Nothing of bcc or LLVM is in the process. Every fd is closed by :meth:`close`
 (closing an attachment's fd detaches it; the kernel frees programs and maps with their
 last fd).
 """
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 
-from agent.ebpf.compiled import CompiledProgram, MapSpec
+from agent.ebpf.backends import Hook
+from agent.ebpf.compiled import CompiledProgram
 from agent.ebpf.syscalls import (
     BPF_PROG_TYPE_RAW_TRACEPOINT,
     create_map,
@@ -24,7 +27,6 @@ from agent.ebpf.syscalls import (
 
 class LoadedProgram:
     def __init__(self, compiled: CompiledProgram) -> None:
-        self.specs: dict[str, MapSpec] = {spec.name: spec for spec in compiled.maps}
         self.map_fds: dict[str, int] = {}
         self._programs: dict[str, int] = {}
         self._attached: dict[tuple[str, str], int] = {}  # (tracepoint, function) -> link fd
@@ -56,19 +58,18 @@ class LoadedProgram:
             self.close()
             raise
 
-    def program_fd(self, function: str) -> int:
-        return self._programs[function]
+    def attach(self, hooks: Iterable[Hook]) -> None:
+        for hook in hooks:
+            if (hook.target, hook.function) in self._attached:
+                raise RuntimeError(f"{hook.function} is attached to {hook.target} already")
+            fd = open_raw_tracepoint(hook.target, self._programs[hook.function])
+            self._attached[(hook.target, hook.function)] = fd
 
-    def attach(self, tracepoint: str, function: str) -> None:
-        if (tracepoint, function) in self._attached:
-            raise RuntimeError(f"{function} is attached to {tracepoint} already")
-        fd = open_raw_tracepoint(tracepoint, self._programs[function])
-        self._attached[(tracepoint, function)] = fd
-
-    def detach(self, tracepoint: str, function: str) -> None:
-        fd = self._attached.pop((tracepoint, function), None)
-        if fd is not None:
-            os.close(fd)
+    def detach(self, hooks: Iterable[Hook]) -> None:
+        for hook in hooks:
+            fd = self._attached.pop((hook.target, hook.function), None)
+            if fd is not None:
+                os.close(fd)
 
     def close(self) -> None:
         """Detach everything, then free programs and maps; safe to call twice."""

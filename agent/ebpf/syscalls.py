@@ -23,7 +23,6 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv6
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
-BPF_MAP_DELETE_ELEM = 3
 BPF_PROG_LOAD = 5
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_RAW_TRACEPOINT_OPEN = 17
@@ -33,7 +32,6 @@ BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 BPF_PSEUDO_MAP_FD = 1
 BPF_LD_IMM64 = 0x18  # BPF_LD | BPF_DW | BPF_IMM
-BPF_ANY = 0
 
 _ATTR_SIZE = 128  # larger than every attribute used here; the kernel accepts zero padding
 
@@ -244,15 +242,30 @@ def possible_cpus(path: Path = Path("/sys/devices/system/cpu/possible")) -> int:
     return total
 
 
-class MapHandle:
-    """Lookups and updates of one map by fd, with buffers allocated once."""
+def check_sizes(fd: int, key_size: int, value_size: int) -> None:
+    """Refuse a map whose key or (per-CPU: one CPU's) value size is not what the caller's
+    buffers are made for: the kernel would write past them."""
+    actual = map_sizes(fd)
+    if actual != (key_size, value_size):
+        raise OSError(
+            errno.EINVAL,
+            f"BPF map fd {fd} has key/value sizes {actual}, expected {(key_size, value_size)}",
+        )
 
-    def __init__(self, fd: int, key_size: int, value_size: int) -> None:
-        self.fd = fd
+
+class MapHandle:
+    """Lookups and updates of one map by fd, with buffers allocated once.
+
+    ``cpus``: for a per-CPU map, how many values a key holds (each padded to 8 bytes);
+    lookups return them all, updates take them all. The map's sizes are checked first.
+    """
+
+    def __init__(self, fd: int, key_size: int, value_size: int, *, cpus: int = 0) -> None:
+        check_sizes(fd, key_size, value_size)
         self.key_size = key_size
-        self.value_size = value_size
+        self.value_size = (value_size + 7) // 8 * 8 * cpus if cpus else value_size
         self._key = ctypes.create_string_buffer(key_size)
-        self._value = ctypes.create_string_buffer(value_size)
+        self._value = ctypes.create_string_buffer(self.value_size)
         self._attr = ElemAttr(
             map_fd=fd, key=ctypes.addressof(self._key), value=ctypes.addressof(self._value)
         )
@@ -267,11 +280,8 @@ class MapHandle:
             raise OSError(error, f"BPF map lookup failed: {os.strerror(error)}")
         return self._value.raw
 
-    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    def update(self, key: bytes, value: bytes) -> None:
+        """Create or replace the value at ``key`` (BPF_ANY)."""
         ctypes.memmove(self._key, key, self.key_size)
         ctypes.memmove(self._value, value, self.value_size)
-        self._attr.flags = flags
-        try:
-            bpf(BPF_MAP_UPDATE_ELEM, self._attr)
-        finally:
-            self._attr.flags = 0
+        bpf(BPF_MAP_UPDATE_ELEM, self._attr)

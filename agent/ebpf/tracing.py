@@ -34,6 +34,7 @@ from typing import Protocol
 
 from agent.ebpf.backends import (
     BACKENDS,
+    LIFECYCLE_TRACEPOINTS,
     BackendPlan,
     BackendUnavailable,
     Hook,
@@ -61,7 +62,7 @@ from agent.ebpf.syscalls import (
     BatchAttr,
     MapHandle,
     bpf_errno,
-    map_sizes,
+    check_sizes,
     open_raw_tracepoint,
     possible_cpus,
 )
@@ -85,15 +86,6 @@ MAPS = (
 LISTENER_KEY = struct.Struct("<IHH")  # struct listener_key
 PROCESS_INFO = struct.Struct("<I16s")  # struct process_info
 U32 = struct.Struct("<I")
-# (key size, value size) of each map user space reads or writes (per-CPU: one CPU's value)
-EXPECTED_SIZES = {
-    "socks": (8, SOCK_INFO_SIZE),
-    "closed": (8, SOCK_INFO_SIZE),
-    "changed": (8, 1),
-    "counters": (4, 8),
-    "poll_round": (4, 4),
-    "listeners": (8, 20),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +100,7 @@ class _BatchReader:
     allocated once."""
 
     def __init__(self, map_fd: int, key_size: int, value_size: int, capacity: int) -> None:
+        check_sizes(map_fd, key_size, value_size)
         self._key_size = key_size
         self._value_size = value_size
         self._capacity = capacity
@@ -154,25 +147,6 @@ class _Program(Protocol):
     def detach(self, hooks: Iterable[Hook]) -> None: ...
 
     def close(self) -> None: ...
-
-
-class _OwnProgram:
-    """Loaded from the compile cache with bpf(2): raw tracepoints only."""
-
-    def __init__(self, loaded: LoadedProgram) -> None:
-        self._loaded = loaded
-        self.map_fds = loaded.map_fds
-
-    def attach(self, hooks: Iterable[Hook]) -> None:
-        for hook in hooks:
-            self._loaded.attach(hook.target, hook.function)
-
-    def detach(self, hooks: Iterable[Hook]) -> None:
-        for hook in hooks:
-            self._loaded.detach(hook.target, hook.function)
-
-    def close(self) -> None:
-        self._loaded.close()
 
 
 class _BccProgram:
@@ -250,24 +224,18 @@ class KernelTracer:
         self.capacities = capacities
         self._lock = threading.Lock()
         self._closed = False
-        fds = program.map_fds
-        for name, sizes in EXPECTED_SIZES.items():  # a wrong size would overrun read buffers
-            if map_sizes(fds[name]) != sizes:
-                raise RuntimeError(
-                    f"map {name}: key/value sizes {map_sizes(fds[name])}, expected {sizes}"
-                )
+        fds = program.map_fds  # every handle and reader checks its map's sizes first
         self._socks = _BatchReader(fds["socks"], 8, SOCK_INFO_SIZE, capacities.sockets)
         self._entries = MapHandle(fds["socks"], 8, SOCK_INFO_SIZE)
         self._changes = _BatchReader(fds["changed"], 8, 1, capacities.sockets)
         self._finished = _BatchReader(fds["closed"], 8, SOCK_INFO_SIZE, capacities.closed)
         self._cpus = possible_cpus()
-        self._counters = MapHandle(fds["counters"], 4, 8 * self._cpus)
+        self._counters = MapHandle(fds["counters"], 4, 8, cpus=self._cpus)
         self._per_cpu = struct.Struct(f"<{self._cpus}Q")
         self._round_table = MapHandle(fds["poll_round"], 4, 4)
         self._listeners = MapHandle(fds["listeners"], LISTENER_KEY.size, PROCESS_INFO.size)
         self._round = 0
         self._seen_lost = self._seen_spilled = -1  # -1: the first poll reads everything
-        self._full_reads = 0
         self._samples: dict[int, SocketSample] = {}  # id -> last decoded sample (live)
         self._decoder = SampleDecoder()
         self._drained: list[SocketSample] = []
@@ -310,7 +278,6 @@ class KernelTracer:
             if before.get(sample.socket_id) != sample:
                 changed.append(sample)
         self._samples = samples
-        self._full_reads += 1
         return changed
 
     def _read_changed(self, keys: set[int]) -> list[SocketSample]:
@@ -458,7 +425,7 @@ def _compile_with_bcc(plan: BackendPlan, btf: Btf, capacities: Capacities, bpf_d
 
 
 def _is_lifecycle(hook: Hook) -> bool:
-    return hook.target in ("inet_sock_set_state", "tcp_destroy_sock")
+    return hook.target in dict(LIFECYCLE_TRACEPOINTS)
 
 
 def _attach_with_bcc(bpf: object, hooks: Iterable[Hook]) -> None:
@@ -563,7 +530,7 @@ def _load(
             release=release,
             headers=headers,
         )
-        return _OwnProgram(LoadedProgram(compiled))
+        return LoadedProgram(compiled)
     return _BccProgram(_compile_with_bcc(plan, btf, capacities, bpf_dir))
 
 

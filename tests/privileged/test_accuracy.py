@@ -371,7 +371,7 @@ def test_nested_lifecycle_handlers_alone_count_exactly(backend):
         assert len(primaries) == 2
         tracer._program.detach(primaries)
         cpus = possible_cpus()
-        busy = MapHandle(tracer._program.map_fds["lifecycle_busy"], 4, 8 * cpus)
+        busy = MapHandle(tracer._program.map_fds["lifecycle_busy"], 4, 4, cpus=cpus)
         for which in (0, 1):  # BUSY_SET_STATE, BUSY_DESTROY
             busy.update(struct.pack("<I", which), struct.pack(f"<{cpus}Q", *[1] * cpus))
         harness = Harness(tracer)

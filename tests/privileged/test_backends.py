@@ -92,3 +92,20 @@ def test_a_compile_error_names_the_source_line(tmp_path: Path) -> None:
             compile_cache=tmp_path / "cache",
         )
     assert "tcpacct.c:" in str(caught.value)
+
+
+def test_a_map_handle_refuses_a_map_of_other_sizes() -> None:
+    """Buffers are sized from what the caller expects; a map with other sizes (as the
+    per-CPU maps once were, from the cache) is refused before any read overruns them."""
+    import os
+
+    from agent.ebpf.syscalls import MapHandle, create_map
+
+    percpu_array = 6
+    fd = create_map(percpu_array, 4, 16, 2, 0, "test_sizes")
+    try:
+        with pytest.raises(OSError, match=r"sizes \(4, 16\), expected \(4, 8\)"):
+            MapHandle(fd, 4, 8, cpus=2)
+        assert MapHandle(fd, 4, 16, cpus=2).value_size == 32
+    finally:
+        os.close(fd)
