@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
+from agent.memo import BoundedMemo
 from agent.model import (
     ConnectionAttributes,
     Endpoint,
@@ -199,14 +200,13 @@ class Accountant:
         self._series_ttl = series_ttl
         self._clock = clock
         self._touched: dict[SeriesKey, float] = {}
-        self._evaluated: dict[object, tuple[tuple[SeriesKey, ValueSource], ...]] = {}
+        self._evaluated: BoundedMemo[object, tuple[tuple[SeriesKey, ValueSource], ...]] = (
+            BoundedMemo(65536)
+        )
         # evaluated series (by identity) -> their admission; cleared when a series goes
-        self._admitted: dict[
+        self._admitted: BoundedMemo[
             int, tuple[tuple[tuple[SeriesKey, ValueSource], ...], tuple[tuple[SeriesKey, int], ...]]
-        ] = {}
-        self._series_shared: dict[
-            tuple[tuple[SeriesKey, int], ...], tuple[tuple[SeriesKey, int], ...]
-        ] = {}
+        ] = BoundedMemo(65536)
         self._overflowed = 0
         self._expired = 0
         self._last_expiry = clock()
@@ -335,9 +335,7 @@ class Accountant:
         if hit is not None and hit[0] is series:
             return hit[1]
         admitted = self._admit_new(series)
-        if len(self._admitted) >= 65536:
-            self._admitted.clear()
-        self._admitted[id(series)] = (series, admitted)  # keeps `series` alive: ids stay unique
+        self._admitted.keep(id(series), (series, admitted))  # keeps `series` alive: ids unique
         return admitted
 
     def _admit_new(
@@ -361,10 +359,7 @@ class Accountant:
                 self._touched[key] = now
             admitted.append((key, _SOURCES[source]))
         self._overflowed += overflowed
-        series = tuple(admitted)
-        if len(self._series_shared) >= 65536:  # only a saving: start over past a bound
-            self._series_shared.clear()
-        return self._series_shared.setdefault(series, series)  # one copy per distinct series
+        return tuple(admitted)
 
     def _expire_idle_series(self) -> None:
         if self._series_ttl is None:
@@ -391,15 +386,12 @@ class Accountant:
         cached = self._evaluated.get(key)
         if cached is not None:
             return cached
-        if len(self._evaluated) >= 65536:
-            self._evaluated.clear()
         out = []
         for definition in self._catalogue.definitions():
             labels = definition.evaluate(attributes)
             if labels is not None:
                 out.append((SeriesKey(definition.name, labels), definition.value))
-        self._evaluated[key] = result = tuple(out)
-        return result
+        return self._evaluated.keep(key, tuple(out))
 
     def _notice_vanished(self, live_ids: AbstractSet[int], finished_ids: set[int]) -> None:
         """Sockets gone from both maps: the kernel spilled their close (closed map full)."""
@@ -483,7 +475,6 @@ class Accountant:
             kept_names = {d.name for d in catalogue.definitions() if _fingerprint(d) in old}
             self._catalogue = catalogue
             self._evaluated.clear()
-            self._series_shared.clear()
             self._admitted.clear()
             self._totals = {k: v for k, v in self._totals.items() if k.metric in kept_names}
             self._touched = {k: v for k, v in self._touched.items() if k in self._totals}

@@ -11,6 +11,7 @@ import socket
 import struct
 from collections.abc import Mapping, Sequence
 
+from agent.memo import BoundedMemo
 from agent.model import Endpoint, KernelCounters, Role, SocketFlag, SocketSample
 
 AF_INET = socket.AF_INET  # 2
@@ -110,21 +111,27 @@ class SampleDecoder:
     """
 
     def __init__(self, limit: int = 1 << 16) -> None:
-        self._limit = limit
         # raw 16 bytes -> text, one table per family (no key tuple to build per lookup)
-        self._addresses: dict[int, dict[bytes, str]] = {AF_INET: {}, AF_INET6: {}}
-        self._comms: dict[bytes, str] = {}
+        self._addresses: dict[int, BoundedMemo[bytes, str]] = {
+            AF_INET: BoundedMemo(limit),
+            AF_INET6: BoundedMemo(limit),
+        }
+        self._comms: BoundedMemo[bytes, str] = BoundedMemo(limit)
+        self._limit = limit
 
     def _address(self, family: int, raw: bytes) -> str:
         table = self._addresses.get(family)
         if table is None:
-            table = self._addresses.setdefault(family, {})
+            table = self._addresses.setdefault(family, BoundedMemo(self._limit))
         text = table.get(raw)
-        if text is None:
-            if len(table) >= self._limit:
-                table.clear()
-            text = table[raw] = decode_address(family, raw)
-        return text
+        return text if text is not None else table.keep(raw, decode_address(family, raw))
+
+    @staticmethod
+    def _endpoint(before: Endpoint | None, address: str, port: int) -> Endpoint:
+        """The previous sample's endpoint when it is the same (no new object), else a new one."""
+        if before is not None and before.port == port and before.address == address:
+            return before
+        return Endpoint(address, port)
 
     def decode(self, raw: bytes | memoryview, previous: Mapping[int, SocketSample]) -> SocketSample:
         (
@@ -146,27 +153,11 @@ class SampleDecoder:
         remote_address = self._address(family, remote)
         local_port, remote_port = socket.ntohs(local_port), socket.ntohs(remote_port)
         before = previous.get(sid)
-        if (
-            before is not None
-            and before.local.port == local_port
-            and (before.local.address == local_address)
-        ):
-            local_end = before.local
-        else:
-            local_end = Endpoint(local_address, local_port)
-        if (
-            before is not None
-            and before.remote.port == remote_port
-            and (before.remote.address == remote_address)
-        ):
-            remote_end = before.remote
-        else:
-            remote_end = Endpoint(remote_address, remote_port)
+        local_end = self._endpoint(before and before.local, local_address, local_port)
+        remote_end = self._endpoint(before and before.remote, remote_address, remote_port)
         name = self._comms.get(comm)
         if name is None:
-            if len(self._comms) >= self._limit:
-                self._comms.clear()
-            name = self._comms[comm] = decode_comm(comm)
+            name = self._comms.keep(comm, decode_comm(comm))
         return SocketSample(
             sid,
             sent,

@@ -16,6 +16,7 @@ import ipaddress
 import sys
 from collections.abc import Callable
 
+from agent.memo import BoundedMemo
 from agent.model import (
     UNKNOWN,
     ConnectionAttributes,
@@ -49,8 +50,9 @@ class LocalEnricher:
         self._process_name = process_name
         # (endpoint, workload) -> its PeerIdentity: a server end is named once for all its
         # connections, and a client end once for both of its sockets' views
-        self._identities: dict[tuple[Endpoint, str], PeerIdentity] = {}
-        self._identities_kept = identities_kept
+        self._identities: BoundedMemo[tuple[Endpoint, str], PeerIdentity] = BoundedMemo(
+            identities_kept
+        )
 
     def _name(self, sample: SocketSample) -> str | None:
         if not sample.pid:
@@ -86,8 +88,6 @@ class LocalEnricher:
         key = (endpoint, workload)
         identity = self._identities.get(key)
         if identity is None:
-            if len(self._identities) >= self._identities_kept:
-                self._identities.clear()  # only a saving: start over past the bound
-            identity = PeerIdentity(workload=workload, ip=endpoint.address, port=endpoint.port)
-            self._identities[key] = identity
+            made = PeerIdentity(workload=workload, ip=endpoint.address, port=endpoint.port)
+            identity = self._identities.keep(key, made)
         return identity
