@@ -29,11 +29,20 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR
+from pyroute2.netlink import NETLINK_NETFILTER
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_GET
 
 from agent.model import Endpoint, fold_address
+from agent.resolve.netlink import (
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    NLMSG_HEADER,
+    align,
+    error_code,
+    messages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +56,15 @@ CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF
-NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 NFGEN_HEADER = struct.Struct("=BBH")  # family, version, resource id (big endian, 0)
 NLA_HEADER = struct.Struct("=HH")  # length, type
-
-
-def _align(length: int) -> int:
-    return (length + 3) & ~3
 
 
 def _attribute(kind: int, payload: bytes) -> bytes:
     """One netlink attribute, padded to 4 bytes: ``(1, b"\\xc6\\x12\\x00\\x02")`` ->
     ``08 00 01 00 c6 12 00 02``."""
     header = NLA_HEADER.pack(NLA_HEADER.size + len(payload), kind)
-    return header + payload + b"\0" * (_align(len(payload)) - len(payload))
+    return header + payload + b"\0" * (align(len(payload)) - len(payload))
 
 
 def encode_get(sequence: int, source: Endpoint, destination: Endpoint, *, reply: bool) -> bytes:
@@ -102,7 +106,7 @@ def _attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
         if length < NLA_HEADER.size:
             return
         yield kind & NLA_TYPE_MASK, data[offset + NLA_HEADER.size : offset + length]
-        offset += _align(length)
+        offset += align(length)
 
 
 def _direction(payload: bytes) -> Direction | None:
@@ -163,24 +167,17 @@ class NetlinkTransport:
 
     def request(self, data: bytes, sequence: int) -> list[bytes]:
         self._socket.send(data)
-        messages: list[bytes] = []
+        answer: list[bytes] = []
         while True:
-            chunk = self._socket.recv(65536)
-            offset = 0
-            while offset + NLMSG_HEADER.size <= len(chunk):
-                length, kind, _, seq, _ = NLMSG_HEADER.unpack_from(chunk, offset)
-                if length < NLMSG_HEADER.size:
-                    break
-                message = chunk[offset : offset + length]
-                offset += _align(length)
+            for kind, seq, message in messages(self._socket.recv(65536)):
                 if seq != sequence:
                     continue  # a late answer to an earlier request that timed out
                 if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", message, NLMSG_HEADER.size)
+                    code = error_code(message)
                     if code:
-                        raise ConntrackMiss(-code)
-                    return messages
-                messages.append(message)
+                        raise ConntrackMiss(code)
+                    return answer
+                answer.append(message)
 
     def close(self) -> None:
         self._socket.close()

@@ -21,19 +21,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent.model import ListeningSocket
+from agent.resolve.netlink import (
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_HEADER,
+    error_code,
+    messages,
+)
 
 TCP_LISTEN = "0A"
 
-# sock_diag (linux/inet_diag.h): an inet_diag_req_v2 for TCP sockets in the given states.
+# sock_diag (linux/inet_diag.h): an inet_diag_req_v2 for TCP sockets in the given states,
+# answered by inet_diag_msg records: family, state, timer, retrans, then the socket id
+# (sport and dport big endian, src, dst, if, cookie), expires, rqueue, wqueue, uid, inode.
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_DONE, NLMSG_ERROR = 3, 2
-_NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _DIAG_REQ = struct.Struct("=BBBxI48x")  # family, protocol, ext, pad, states, inet_diag_sockid
-# inet_diag_msg: family, state, timer, retrans, sport (be), dport (be), src, dst, if,
-# cookie, expires, rqueue, wqueue, uid, inode
-_DIAG_MSG_HEAD = struct.Struct("=BBBB")
 _DIAG_PORT = struct.Struct(">H")
 _DIAG_INODE_OFFSET = 4 + 48 + 4 * 4  # after the sock id, expires, rqueue, wqueue, uid
 
@@ -46,23 +51,16 @@ def parse_diag_listeners(data: bytes) -> tuple[list[tuple[int, int]], bool]:
     False)``; a read ending in NLMSG_DONE -> ``(..., True)``. An NLMSG_ERROR raises OSError.
     """
     found: list[tuple[int, int]] = []
-    offset = 0
-    while offset + _NLMSG.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size:
-            break
-        body = offset + _NLMSG.size
+    for kind, _sequence, message in messages(data):
         if kind == NLMSG_DONE:
             return found, True
-        if kind == NLMSG_ERROR:
-            (error,) = struct.unpack_from("=i", data, body)
-            if error:
-                raise OSError(-error, os.strerror(-error))
-        elif kind == SOCK_DIAG_BY_FAMILY:
-            (port,) = _DIAG_PORT.unpack_from(data, body + 4)
-            (inode,) = struct.unpack_from("=I", data, body + _DIAG_INODE_OFFSET)
+        if kind == NLMSG_ERROR and error_code(message):
+            raise OSError(error_code(message), os.strerror(error_code(message)))
+        if kind == SOCK_DIAG_BY_FAMILY:
+            body = NLMSG_HEADER.size
+            (port,) = _DIAG_PORT.unpack_from(message, body + 4)
+            (inode,) = struct.unpack_from("=I", message, body + _DIAG_INODE_OFFSET)
             found.append((port, inode))
-        offset += (length + 3) & ~3
     return found, False
 
 
@@ -73,8 +71,8 @@ def diag_listeners() -> dict[int, int]:
         sock.settimeout(5)
         for sequence, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
             request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << 10)  # TCP_LISTEN
-            header = _NLMSG.pack(
-                _NLMSG.size + len(request),
+            header = NLMSG_HEADER.pack(
+                NLMSG_HEADER.size + len(request),
                 SOCK_DIAG_BY_FAMILY,
                 NLM_F_REQUEST | NLM_F_DUMP,
                 sequence,

@@ -16,6 +16,7 @@ from agent.resolve.listening import (
     parse_diag_listeners,
     parse_listeners,
 )
+from agent.resolve.netlink import messages
 
 TCP_HEADER = (
     "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
@@ -204,3 +205,11 @@ def test_diag_listeners_finds_a_listener_of_this_process() -> None:
         port = server.getsockname()[1]
         inode = os.fstat(server.fileno()).st_ino
         assert diag_listeners().get(inode) == port
+
+
+def test_netlink_messages_are_split_at_their_padded_lengths() -> None:
+    first = struct.pack("=IHHII", 21, 20, 2, 7, 0) + b"xxxxx"  # 21 bytes, padded to 24
+    second = struct.pack("=IHHII", 20, 3, 2, 7, 0) + bytes(4)
+    chunk = first + bytes(3) + second
+    assert [(kind, seq, len(m)) for kind, seq, m in messages(chunk)] == [(20, 7, 21), (3, 7, 20)]
+    assert list(messages(struct.pack("=IHHII", 4, 3, 0, 0, 0))) == []  # a length too short
