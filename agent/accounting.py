@@ -58,32 +58,17 @@ _CLOSES = _SOURCES[ValueSource.CONNECTIONS_CLOSED]
 
 @dataclass(slots=True)
 class _Tracked:
-    """What the accountant remembers of one socket."""
+    """What the accountant remembers of one socket (one per live socket: kept small)."""
 
     sent: int = 0  # last cumulative counts added to totals
     received: int = 0
-    flags: SocketFlag = SocketFlag.NONE
-    role: Role = Role.UNKNOWN
-    opened_counted: bool = False
-    closed_counted: bool = False
+    counted: int = 0  # the _OPENED/_CLOSED events already counted
+    waited: int = 0  # polls held back waiting for a name
     series: tuple[tuple[SeriesKey, int], ...] | None = None  # (series, _SOURCES index)
     attributes: ConnectionAttributes | None = None
-    waited: int = 0  # polls held back waiting for a name
-    last_sample: SocketSample | None = None  # kept only while held back
-    last_seen: SocketSample | None = None  # the sample in the peer index
-
-
-def _identity_changed(last: SocketSample | None, sample: SocketSample) -> bool:
-    """Whether what the peer index answers with differs (anything but the counts)."""
-    return last is None or (
-        last.local != sample.local
-        or last.remote != sample.remote
-        or last.netns != sample.netns
-        or last.pid != sample.pid
-        or last.comm != sample.comm
-        or last.role != sample.role
-        or last.flags != sample.flags
-    )
+    # the newest sample (the one in the peer index); while ``series`` is None, the one
+    # whose bytes are held back
+    last_seen: SocketSample | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +185,7 @@ class Accountant:
         self._series_ttl = series_ttl
         self._clock = clock
         self._touched: dict[SeriesKey, float] = {}
+        self._now = clock()
         self._evaluated: BoundedMemo[object, tuple[tuple[SeriesKey, ValueSource], ...]] = (
             BoundedMemo(65536)
         )
@@ -230,6 +216,7 @@ class Accountant:
     def apply(self, poll: KernelPoll) -> None:
         with self._lock:
             self._polls += 1
+            self._now = self._clock()  # when the series this poll moves were last touched
             peers = self._peers
             if poll.changed is None:
                 todo: list[SocketSample] = list(poll.live)
@@ -241,11 +228,9 @@ class Accountant:
                 pending = (live_ids - self._tracked.keys()) | (self._held & live_ids)
                 pending -= {sample.socket_id for sample in poll.changed}
                 todo = [*poll.changed, *(by_id[sid] for sid in pending)]
-            tracked = self._tracked
+            # The index holds each socket's newest sample (no older copy stays alive)
             for sample in todo:
-                known = tracked.get(sample.socket_id)
-                if known is None or _identity_changed(known.last_seen, sample):
-                    peers.put(sample)  # only counts moved: the index already holds it
+                peers.put(sample)
             for sample in poll.finished:
                 peers.put(sample)
             for sample in todo:
@@ -267,7 +252,6 @@ class Accountant:
         if tracked is None:
             tracked = self._revive(sid) or _Tracked()
             self._tracked[sid] = tracked
-        tracked.role = sample.role
         last = tracked.last_seen
         if last is not None and (last.local, last.remote) != (sample.local, sample.remote):
             self._peers.remove(last)  # its tuple became known at ESTABLISHED
@@ -278,14 +262,12 @@ class Accountant:
             if attributes is None:
                 tracked.waited += 1  # cumulative counters: nothing is lost by waiting
                 if not final:
-                    tracked.last_sample = sample
                     self._held.add(sid)
                     return
                 attributes = self._enricher.attributes(sample, peers, final=True)
             if attributes is None:
                 raise RuntimeError("enricher returned None for a final sample")
             tracked.attributes = attributes
-            tracked.last_sample = None
             self._held.discard(sid)
             tracked.series = self._admit(self._series_for(attributes))
         self._count(tracked, sample)
@@ -305,26 +287,24 @@ class Accountant:
         else:
             tracked.received = sample.received_bytes
         flags = sample.flags.value
-        tracked.flags = sample.flags
-        opened = flags & _OPENED and not tracked.opened_counted
-        closed = flags & _CLOSED and flags & _ESTABLISHED and not tracked.closed_counted
+        counted = tracked.counted
+        opened = flags & _OPENED and not counted & _OPENED
+        closed = flags & _CLOSED and flags & _ESTABLISHED and not counted & _CLOSED
         if not (sent or received or opened or closed):
             return
-        tracked.opened_counted = tracked.opened_counted or bool(opened)
-        tracked.closed_counted = tracked.closed_counted or bool(closed)
+        if opened or closed:
+            tracked.counted = counted | (_OPENED if opened else 0) | (_CLOSED if closed else 0)
         if sample.role is Role.SERVER:  # Istio direction: received = client -> server
             amounts = (received, sent, 1 if opened else 0, 1 if closed else 0)
         else:
             amounts = (sent, received, 1 if opened else 0, 1 if closed else 0)
         assert tracked.series is not None
-        totals = self._totals
-        now = None
+        totals, touched, now = self._totals, self._touched, self._now
         for key, source in tracked.series:
             amount = amounts[source]
             if amount:
                 totals[key] = totals.get(key, 0) + amount
-                now = now or self._clock()
-                self._touched[key] = now
+                touched[key] = now
 
     def _admit(
         self, series: tuple[tuple[SeriesKey, ValueSource], ...]
@@ -405,33 +385,32 @@ class Accountant:
                 # Its spill may already be in the kernel counters read this poll: what was
                 # counted for it must not be exported as unattributed meanwhile.
                 # (A socket still held back will be named and counted up to its last sample.)
-                last = tracked.last_sample if tracked.series is None else None
+                last = tracked.last_seen if tracked.series is None else None
                 unattributed.missing_sent += last.sent_bytes if last else tracked.sent
                 unattributed.missing_received += last.received_bytes if last else tracked.received
                 continue
             del self._tracked[sid]
             del self._missing[sid]
             self._held.discard(sid)
-            if tracked.last_seen is not None:
-                self._peers.remove(tracked.last_seen)
-            if tracked.series is None and tracked.last_sample is not None:
+            last = tracked.last_seen
+            if last is not None:
+                self._peers.remove(last)
+            if tracked.series is None and last is not None:
                 # held back when it vanished: name it now from what was last seen of it
-                last = tracked.last_sample
                 attributes = self._enricher.attributes(last, _Peers(), final=True)
                 if attributes is not None:
                     tracked.attributes = attributes
                     tracked.series = self._admit(self._series_for(attributes))
                     self._count(tracked, last)
-                tracked.last_sample = None
             unattributed.spilled_baseline_sent += tracked.sent
             unattributed.spilled_baseline_received += tracked.received
             unattributed.tombstones[sid] = (tracked, self._polls)
-            was_connection = tracked.flags & (SocketFlag.OPENED | SocketFlag.PREEXISTING)
-            if tracked.series is not None and was_connection and not tracked.closed_counted:
+            was_connection = last is not None and last.flags.value & _ESTABLISHED
+            if tracked.series is not None and was_connection and not tracked.counted & _CLOSED:
                 for key, source in tracked.series:
                     if source == _CLOSES:
                         self._totals[key] = self._totals.get(key, 0) + 1
-                tracked.closed_counted = True
+                tracked.counted |= _CLOSED
         expired = [
             sid
             for sid, (_, when) in unattributed.tombstones.items()

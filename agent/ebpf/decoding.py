@@ -105,8 +105,9 @@ class SampleDecoder:
     """:func:`decode_raw` for repeated reads of the same sockets (the incremental poll).
 
     Address and task-name texts are cached by their raw bytes (a node has few distinct
-    addresses and names), and a socket whose endpoints did not change keeps the Endpoint
-    objects of its previous sample, so a busy socket costs one unpack and one constructor.
+    addresses and names), namespace and process numbers are shared, and a socket whose
+    endpoints did not change keeps the Endpoint objects of its previous sample, so a busy
+    socket costs one unpack and one constructor.
     ``decode(raw, {7: previous})`` -> the same SocketSample ``decode_raw(raw)`` gives.
     """
 
@@ -117,6 +118,7 @@ class SampleDecoder:
             AF_INET6: BoundedMemo(limit),
         }
         self._comms: BoundedMemo[bytes, str] = BoundedMemo(limit)
+        self._numbers: BoundedMemo[int, int] = BoundedMemo(limit)
         self._limit = limit
 
     def _address(self, family: int, raw: bytes) -> str:
@@ -158,6 +160,10 @@ class SampleDecoder:
         name = self._comms.get(comm)
         if name is None:
             name = self._comms.keep(comm, decode_comm(comm))
+        # one int object per distinct namespace and process, not one per socket
+        shared = self._numbers
+        netns = shared.get(netns) or shared.keep(netns, netns)
+        tgid = shared.get(tgid) or shared.keep(tgid, tgid)
         return SocketSample(
             sid,
             sent,

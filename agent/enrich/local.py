@@ -53,6 +53,7 @@ class LocalEnricher:
         self._identities: BoundedMemo[tuple[Endpoint, str], PeerIdentity] = BoundedMemo(
             identities_kept
         )
+        self._services: BoundedMemo[Endpoint, ServiceIdentity] = BoundedMemo(identities_kept)
 
     def _name(self, sample: SocketSample) -> str | None:
         if not sample.pid:
@@ -81,8 +82,15 @@ class LocalEnricher:
             reporter=sample.reporter,
             source=client,
             destination=server,
-            service=ServiceIdentity(host=sys.intern(str(sample.server))),
+            service=self._service(sample.server),
         )
+
+    def _service(self, server: Endpoint) -> ServiceIdentity:
+        """One ServiceIdentity per server end, shared by all its connections."""
+        service = self._services.get(server)
+        if service is None:
+            service = self._services.keep(server, ServiceIdentity(host=sys.intern(str(server))))
+        return service
 
     def _identity(self, endpoint: Endpoint, workload: str) -> PeerIdentity:
         key = (endpoint, workload)
