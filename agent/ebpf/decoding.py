@@ -81,6 +81,17 @@ def decode_comm(raw: bytes) -> str:
 
 
 SOCK_INFO = struct.Struct("<QQQ16s16sHHHBBII16s8x")  # struct sock_info, 96 bytes
+_CHANGED_IN = struct.Struct("<88xI")  # struct sock_info.changed_in
+
+
+def changed_in(raw: bytes | memoryview) -> int:
+    """The poll round that last marked a ``struct sock_info`` as changed (its ``changed_in``).
+
+    ``changed_in(bytes(88) + (7).to_bytes(4, "little") + bytes(4))`` -> ``7``.
+    """
+    return _CHANGED_IN.unpack_from(raw)[0]
+
+
 _ROLES = {int(role): role for role in Role}
 _FLAGS = {value: SocketFlag(value) for value in range(16)}
 

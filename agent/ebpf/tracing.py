@@ -49,6 +49,7 @@ from agent.ebpf.decoding import (
     C_COUNT,
     SampleDecoder,
     SockInfo,
+    changed_in,
     decode_comm,
     decode_counters,
     encode_port,
@@ -237,6 +238,8 @@ class KernelTracer:
         self._round = 0
         self._seen_lost = self._seen_spilled = -1  # -1: the first poll reads everything
         self._samples: dict[int, SocketSample] = {}  # id -> last decoded sample (live)
+        # keys to read again next poll: entries read in the round that marked them
+        self._carried: set[int] = set()
         self._decoder = SampleDecoder()
         self._drained: list[SocketSample] = []
         self._max_drained = 4 * capacities.closed
@@ -265,15 +268,24 @@ class KernelTracer:
             sums.append(sum(self._per_cpu.unpack(raw)) if raw else 0)
         return sums
 
+    def _carry_if_marked_now(self, key: int, entry: bytes | memoryview) -> None:
+        """An entry marked in the round this poll started was marked after the round
+        began: a later change in the same round marks nothing, so read it again next poll
+        (else bytes it moves after this read would wait for its next mark or its close)."""
+        if changed_in(entry) == self._round:
+            self._carried.add(key)
+
     def _read_everything(self) -> list[SocketSample]:
         """Every live entry, decoded; returns the ones that differ from the last poll."""
-        _, raw = self._socks.read(delete=False)
+        raw_keys, raw = self._socks.read(delete=False)
         before = self._samples
         samples = {}
         changed = []
-        decode = self._decoder.decode
-        for offset in range(0, len(raw), SOCK_INFO_SIZE):
-            sample = decode(raw[offset : offset + SOCK_INFO_SIZE], before)
+        decode, carry = self._decoder.decode, self._carry_if_marked_now
+        for index, key in enumerate(raw_keys.cast("B").cast("Q")):
+            entry = raw[index * SOCK_INFO_SIZE : (index + 1) * SOCK_INFO_SIZE]
+            carry(key, entry)
+            sample = decode(entry, before)
             samples[sample.socket_id] = sample
             if before.get(sample.socket_id) != sample:
                 changed.append(sample)
@@ -285,19 +297,21 @@ class KernelTracer:
         when so many changed that a batch read is cheaper."""
         changed = []
         samples = self._samples
-        decode = self._decoder.decode
+        decode, carry = self._decoder.decode, self._carry_if_marked_now
         if len(keys) > max(1024, len(samples) // 8):
             raw_keys, raw = self._socks.read(delete=False)
             for index, key in enumerate(raw_keys.cast("B").cast("Q")):
                 if key in keys:
-                    offset = index * SOCK_INFO_SIZE
-                    changed.append(decode(raw[offset : offset + SOCK_INFO_SIZE], samples))
+                    entry = raw[index * SOCK_INFO_SIZE : (index + 1) * SOCK_INFO_SIZE]
+                    carry(key, entry)
+                    changed.append(decode(entry, samples))
         else:
             lookup = self._entries.lookup
             for key in keys:
-                entry = lookup(key.to_bytes(8, "little"))
-                if entry is not None:
-                    changed.append(decode(entry, samples))
+                found = lookup(key.to_bytes(8, "little"))
+                if found is not None:
+                    carry(key, found)
+                    changed.append(decode(found, samples))
         for sample in changed:
             samples[sample.socket_id] = sample
         return changed
@@ -315,10 +329,12 @@ class KernelTracer:
             self._seen_lost, self._seen_spilled = lost, spilled
             self._next_round()
             raw_keys, _ = self._changes.read(delete=True)
+            keys, self._carried = self._carried, set()
             if everything:
                 changed = self._read_everything()
             else:
-                changed = self._read_changed(set(raw_keys.cast("B").cast("Q")))
+                keys.update(raw_keys.cast("B").cast("Q"))
+                changed = self._read_changed(keys)
             finished = self._drained
             finished.extend(self._decode_finished(self._finished.read(delete=True)[1]))
             self._drained = []

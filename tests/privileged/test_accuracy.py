@@ -385,3 +385,39 @@ def test_nested_lifecycle_handlers_alone_count_exactly(backend):
             assert_connection(harness, service_of(lsock.getsockname()), 4321, 8765)
     finally:
         tracer.close()
+
+
+def test_bytes_after_a_read_in_the_round_that_marked_them_come_with_the_next_poll(harness):
+    """A socket whose first change of a poll round lands between the round's start and the
+    read of ``changed`` is read in that poll; a second change in the same round marks
+    nothing (the entry already carries the round). The next poll must still read it, or
+    those bytes would wait for the socket's next activity or close."""
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        try:
+            exchange(client, server, 10, 20)
+            harness.poll(2)
+            tracer = harness.tracer
+            next_round = tracer._next_round
+
+            def round_then_one_byte() -> None:
+                next_round()
+                send_exact(client, 1)  # marked in the new round, before `changed` is read
+
+            tracer._next_round = round_then_one_byte
+            try:
+                first = tracer.poll()
+            finally:
+                tracer._next_round = next_round
+            port = client.getsockname()[1]
+            (read,) = [s for s in first.changed if s.local.port == port]
+            assert read.sent_bytes == 11
+            send_exact(client, 1)  # same round: the entry is not marked again
+            second = tracer.poll()
+            (mine,) = [s for s in second.live if s.local.port == port]
+            assert mine.sent_bytes == 12
+            assert mine in second.changed
+            recv_exact(server, 2)
+        finally:
+            client.close()
+            server.close()

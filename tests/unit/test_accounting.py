@@ -630,8 +630,11 @@ class _KernelModel:
         )
 
     def drain(self):
-        result = poll(live=list(self.live.values()), finished=list(self.closed.values()),
-                      counters=self.counters)
+        result = poll(
+            live=list(self.live.values()),
+            finished=list(self.closed.values()),
+            counters=self.counters,
+        )
         self.polled |= {*self.live, *self.closed}
         self.closed.clear()
         return result
@@ -689,10 +692,27 @@ _lossy_actions = st.one_of(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(actions=st.lists(_lossy_actions, max_size=60))
-@example(actions=[("open", Role.CLIENT), ("move", 0, True, 100), ("poll",), ("spill", 0),
-                  ("poll",), ("poll",)])
-@example(actions=[("open", Role.SERVER), ("move", 0, False, 7), ("poll",), ("move", 0, True, 5),
-                  ("spill", 0), ("untracked", True, 3), ("poll",)])
+@example(
+    actions=[
+        ("open", Role.CLIENT),
+        ("move", 0, True, 100),
+        ("poll",),
+        ("spill", 0),
+        ("poll",),
+        ("poll",),
+    ]
+)
+@example(
+    actions=[
+        ("open", Role.SERVER),
+        ("move", 0, False, 7),
+        ("poll",),
+        ("move", 0, True, 5),
+        ("spill", 0),
+        ("untracked", True, 3),
+        ("poll",),
+    ]
+)
 def test_property_with_full_maps_every_byte_is_counted_once_somewhere(actions) -> None:
     """Spilled closes and untracked sockets: series plus unattributed == bytes moved, at
     every poll never more, and each connection closed once."""

@@ -14,6 +14,7 @@ from agent.ebpf.decoding import (
     AF_INET6,
     SampleDecoder,
     SockInfo,
+    changed_in,
     decode_address,
     decode_comm,
     decode_counters,
@@ -159,6 +160,13 @@ def test_sock_info_layout_matches_the_c_struct() -> None:
     assert SockInfo.local_port.offset == 56
     assert SockInfo.comm.offset == 72
     assert SockInfo.changed_in.offset == 88
+
+
+def test_changed_in_reads_the_round_field() -> None:
+    info = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000))
+    info.changed_in = 0xDEADBEEF
+    assert changed_in(bytes(info)) == 0xDEADBEEF
+    assert changed_in(memoryview(bytes(info))) == 0xDEADBEEF
 
 
 def test_decode_sample_from_a_raw_buffer() -> None:
