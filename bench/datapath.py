@@ -197,8 +197,12 @@ def _unix_checks(probe: AgentProbe, before: list[int], moved: Moved) -> list[dic
             "got": sum(after),
             "exact": before == after,
         },
-        {"check": "calls made", "expected": moved.operations, "got": moved.operations,
-         "exact": True},
+        {
+            "check": "calls made",
+            "expected": moved.operations,
+            "got": moved.operations,
+            "exact": True,
+        },
     ]
 
 
@@ -228,9 +232,7 @@ def _run_workload(probe: AgentProbe, work: _Workload, pairs: int) -> _Series:
 
 
 def _accuracy_figure(key: str, title: str, checks: list[list[dict[str, Any]]]) -> Figure:
-    wrong = [
-        {"round": i, **c} for i, run in enumerate(checks) for c in run if not c["exact"]
-    ]
+    wrong = [{"round": i, **c} for i, run in enumerate(checks) for c in run if not c["exact"]]
     fraction = exact_fraction(checks)
     return Figure(
         key=key,
@@ -370,8 +372,12 @@ def _tcplife_checks(life: TcpLife, moved: Moved) -> dict[str, Any]:
         "rows_with_right_kb": right,
         "lost_samples": life.lost(),
         "example_rows": [
-            {"local_port": r.local_port, "remote_port": r.remote_port, "tx_kb": r.tx_kb,
-             "rx_kb": r.rx_kb}
+            {
+                "local_port": r.local_port,
+                "remote_port": r.remote_port,
+                "tx_kb": r.tx_kb,
+                "rx_kb": r.rx_kb,
+            }
             for r in rows[:4]
         ],
     }

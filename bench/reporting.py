@@ -128,8 +128,16 @@ def why(figure: Figure) -> str:
             )
     profile = d.get("profile_top")
     if profile:
-        return "most own time in one profiled poll: " + "; ".join(
-            _function(row) for row in profile[:3]
+        floor = _first(d.get("kernel_floor_ms"))
+        kernel = (
+            f"the kernel's batch reads alone (socket map + changed keys) take {floor:.0f} ms; "
+            if floor is not None
+            else ""
+        )
+        return (
+            kernel
+            + "most own time in one profiled poll: "
+            + "; ".join(_function(row) for row in profile[:3])
         )
     if too_noisy(figure):
         return "per-round ratios disagree (shared, loaded machine): not a verdict"

@@ -82,7 +82,7 @@ def run(parts: tuple[str, ...], quick: bool, out_dir: Path) -> tuple[Path, Path]
             churn_connections=200, iperf_pairs=1, iperf_seconds=1, peer_rounds=1,
             peer_churn_connections=200,
         )  # fmt: skip
-        cost_plan = replace(cost_plan, live=(1_000,), polls=2, close_rates=(1_000,),
+        cost_plan = replace(cost_plan, live=(2_000,), polls=2, close_rates=(1_000,),
                             close_seconds=2)  # fmt: skip
     if "datapath" in parts or "peer" in parts:
         with AgentProbe(backend=backend, interval=1.0) as probe:
