@@ -228,9 +228,13 @@ class Accountant:
                 pending = (live_ids - self._tracked.keys()) | (self._held & live_ids)
                 pending -= {sample.socket_id for sample in poll.changed}
                 todo = [*poll.changed, *(by_id[sid] for sid in pending)]
-            # The index holds each socket's newest sample (no older copy stays alive)
+            # The index holds each socket's newest sample (no older copy stays alive); a
+            # sample the reader updated in place (only its counters moved) is already there
+            tracked = self._tracked
             for sample in todo:
-                peers.put(sample)
+                known = tracked.get(sample.socket_id)
+                if known is None or known.last_seen is not sample:
+                    peers.put(sample)
             for sample in poll.finished:
                 peers.put(sample)
             for sample in todo:
@@ -253,7 +257,15 @@ class Accountant:
             tracked = self._revive(sid) or _Tracked()
             self._tracked[sid] = tracked
         last = tracked.last_seen
-        if last is not None and (last.local, last.remote) != (sample.local, sample.remote):
+        if (
+            last is not None
+            and last is not sample
+            and (last.local, last.remote)
+            != (
+                sample.local,
+                sample.remote,
+            )
+        ):
             self._peers.remove(last)  # its tuple became known at ESTABLISHED
         tracked.last_seen = sample
         if tracked.series is None:

@@ -86,7 +86,11 @@ def fold_address(address: str) -> str:
 class SocketSample:
     """One TCP socket's cumulative counters and identity, as read from the kernel.
 
-    Treated as immutable (not frozen for the constructor's cost, as :class:`Endpoint`).
+    Everything but the two counters is fixed for the object's life (not frozen for the
+    constructor's cost, as :class:`Endpoint`). A reader may update a live sample's counters
+    in place when only they moved (the kernel tracer does, so a busy socket costs no new
+    object): keep ``sent_bytes``/``received_bytes`` themselves, not the sample, to
+    remember a past poll's counts.
 
     ``sent_bytes``/``received_bytes`` are what the local application wrote/read (return
     values of its send/receive calls), counted since the agent first saw the socket.

@@ -10,6 +10,7 @@ import ctypes
 import socket
 import struct
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from agent.memo import BoundedMemo
 from agent.model import Endpoint, KernelCounters, Role, SocketFlag, SocketSample
@@ -92,6 +93,7 @@ def changed_in(raw: bytes | memoryview) -> int:
     return _CHANGED_IN.unpack_from(raw)[0]
 
 
+_Fields = tuple[Any, ...]  # SOCK_INFO.unpack's answer
 _ROLES = {int(role): role for role in Role}
 _FLAGS = {value: SocketFlag(value) for value in range(16)}
 
@@ -117,9 +119,9 @@ class SampleDecoder:
 
     Address and task-name texts are cached by their raw bytes (a node has few distinct
     addresses and names), namespace and process numbers are shared, and a socket whose
-    endpoints did not change keeps the Endpoint objects of its previous sample, so a busy
-    socket costs one unpack and one constructor.
-    ``decode(raw, {7: previous})`` -> the same SocketSample ``decode_raw(raw)`` gives.
+    endpoints did not change keeps the Endpoint objects of its previous sample.
+    ``decode(raw, {7: previous})`` -> the same SocketSample ``decode_raw(raw)`` gives;
+    :meth:`refresh` updates a live sample whose counters alone moved.
     """
 
     def __init__(self, limit: int = 1 << 16) -> None:
@@ -147,6 +149,65 @@ class SampleDecoder:
         return Endpoint(address, port)
 
     def decode(self, raw: bytes | memoryview, previous: Mapping[int, SocketSample]) -> SocketSample:
+        fields = SOCK_INFO.unpack(raw)
+        return self._build(fields, previous.get(fields[0]))
+
+    def refresh(
+        self, raw: bytes | memoryview, previous: Mapping[int, SocketSample]
+    ) -> tuple[SocketSample, bool]:
+        """A live entry read again -> (its sample, whether anything in it moved).
+
+        When only the counters differ from ``previous``'s sample of the same socket, that
+        sample's counters are updated in place and it is returned: no object is made for a
+        socket that only moved bytes, and no second copy of it lives until the accountant
+        has seen the new one. Otherwise a new sample, as :meth:`decode` makes it.
+        ``refresh(raw with 150 bytes sent, {7: sample with 100})`` -> ``(that sample, now
+        150, True)``.
+        """
+        fields = SOCK_INFO.unpack(raw)
+        before = previous.get(fields[0])
+        if before is None or not self._same_identity(before, fields):
+            return self._build(fields, before), True
+        sent, received = fields[1], fields[2]
+        if before.sent_bytes == sent and before.received_bytes == received:
+            return before, False
+        before.sent_bytes, before.received_bytes = sent, received
+        return before, True
+
+    def _same_identity(self, before: SocketSample, fields: _Fields) -> bool:
+        """Whether everything but the counters of an unpacked entry equals ``before``."""
+        (
+            _,
+            _,
+            _,
+            local,
+            remote,
+            local_port,
+            remote_port,
+            family,
+            role,
+            flags,
+            netns,
+            tgid,
+            comm,
+        ) = fields
+        return (
+            before.flags == flags & 0xF
+            and before.role == role
+            and before.pid == tgid
+            and before.netns == netns
+            and before.local.port == socket.ntohs(local_port)
+            and before.remote.port == socket.ntohs(remote_port)
+            and before.local.address == self._address(family, local)
+            and before.remote.address == self._address(family, remote)
+            and before.comm == self._comm(comm)
+        )
+
+    def _comm(self, raw: bytes) -> str:
+        name = self._comms.get(raw)
+        return name if name is not None else self._comms.keep(raw, decode_comm(raw))
+
+    def _build(self, fields: _Fields, before: SocketSample | None) -> SocketSample:
         (
             sid,
             sent,
@@ -161,16 +222,12 @@ class SampleDecoder:
             netns,
             tgid,
             comm,
-        ) = SOCK_INFO.unpack(raw)
+        ) = fields
         local_address = self._address(family, local)
         remote_address = self._address(family, remote)
         local_port, remote_port = socket.ntohs(local_port), socket.ntohs(remote_port)
-        before = previous.get(sid)
         local_end = self._endpoint(before and before.local, local_address, local_port)
         remote_end = self._endpoint(before and before.remote, remote_address, remote_port)
-        name = self._comms.get(comm)
-        if name is None:
-            name = self._comms.keep(comm, decode_comm(comm))
         # one int object per distinct namespace and process, not one per socket
         shared = self._numbers
         netns = shared.get(netns) or shared.keep(netns, netns)
@@ -185,7 +242,7 @@ class SampleDecoder:
             _FLAGS[flags & 0xF],
             netns,
             tgid,
-            name,
+            self._comm(comm),
         )
 
 

@@ -281,13 +281,13 @@ class KernelTracer:
         before = self._samples
         samples = {}
         changed = []
-        decode, carry = self._decoder.decode, self._carry_if_marked_now
+        refresh, carry = self._decoder.refresh, self._carry_if_marked_now
         for index, key in enumerate(raw_keys.cast("B").cast("Q")):
             entry = raw[index * SOCK_INFO_SIZE : (index + 1) * SOCK_INFO_SIZE]
             carry(key, entry)
-            sample = decode(entry, before)
+            sample, moved = refresh(entry, before)
             samples[sample.socket_id] = sample
-            if before.get(sample.socket_id) != sample:
+            if moved:
                 changed.append(sample)
         self._samples = samples
         return changed
@@ -297,21 +297,25 @@ class KernelTracer:
         when so many changed that a batch read is cheaper."""
         changed = []
         samples = self._samples
-        decode, carry = self._decoder.decode, self._carry_if_marked_now
+        refresh, carry = self._decoder.refresh, self._carry_if_marked_now
         if len(keys) > max(1024, len(samples) // 8):
             raw_keys, raw = self._socks.read(delete=False)
             for index, key in enumerate(raw_keys.cast("B").cast("Q")):
                 if key in keys:
                     entry = raw[index * SOCK_INFO_SIZE : (index + 1) * SOCK_INFO_SIZE]
                     carry(key, entry)
-                    changed.append(decode(entry, samples))
+                    sample, moved = refresh(entry, samples)
+                    if moved:
+                        changed.append(sample)
         else:
             lookup = self._entries.lookup
             for key in keys:
                 found = lookup(key.to_bytes(8, "little"))
                 if found is not None:
                     carry(key, found)
-                    changed.append(decode(found, samples))
+                    sample, moved = refresh(found, samples)
+                    if moved:
+                        changed.append(sample)
         for sample in changed:
             samples[sample.socket_id] = sample
         return changed

@@ -13,6 +13,7 @@ from agent.metrics.catalogue import load_catalogue
 from agent.model import (
     ConnectionAttributes,
     KernelCounters,
+    KernelPoll,
     PeerIndex,
     Role,
     SocketFlag,
@@ -71,6 +72,26 @@ def test_cumulative_counters_become_deltas_across_polls() -> None:
     assert totals(accountant, "fake_received_bytes_total") == {CLIENT_SERIES: 250}
     assert totals(accountant, "fake_sent_bytes_total") == {CLIENT_SERIES: 40}
     assert totals(accountant, "fake_opened_total") == {CLIENT_SERIES: 1}
+
+
+def test_a_sample_the_reader_updates_in_place_counts_its_deltas() -> None:
+    """The kernel tracer updates a live sample's counters in place when only they moved
+    (SampleDecoder.refresh): the same object comes back with larger counts."""
+    accountant = fake_accountant(FakeEnricher(pending={1}), max_wait_polls=1)
+    live = sample(1, sent=100, received=10)
+    by_id = {1: live}
+    accountant.apply(KernelPoll(KernelCounters(), (live,), (), (live,), by_id))  # held back
+    live.sent_bytes, live.received_bytes = 180, 30
+    accountant.apply(KernelPoll(KernelCounters(), (live,), (), (live,), by_id))  # named
+    live.sent_bytes, live.received_bytes = 250, 40
+    accountant.apply(KernelPoll(KernelCounters(), (live,), (), (live,), by_id))
+    accountant.apply(KernelPoll(KernelCounters(), (live,), (), (), by_id))
+    assert fake_totals(accountant) == {
+        "received": {CLIENT_SERIES: 250},
+        "sent": {CLIENT_SERIES: 40},
+        "opened": {CLIENT_SERIES: 1},
+        "closed": {CLIENT_SERIES: 0},
+    }
 
 
 def test_server_writes_are_sent_bytes_and_client_writes_are_received_bytes() -> None:

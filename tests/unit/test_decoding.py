@@ -222,6 +222,54 @@ def test_sample_decoder_keeps_endpoints_of_an_unchanged_socket() -> None:
     assert third.local == Endpoint("198.18.0.9", 8081) and third.remote is first.remote
 
 
+def test_refresh_updates_a_live_sample_whose_counters_alone_moved() -> None:
+    decoder = SampleDecoder()
+    info = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000))
+    first = decoder.decode(bytes(info), {})
+    known = {first.socket_id: first}
+    assert decoder.refresh(bytes(info), known) == (first, False)
+    info.sent += 5
+    info.received += 7
+    sample, moved = decoder.refresh(bytes(info), known)
+    assert moved and sample is first
+    assert (first.sent_bytes, first.received_bytes) == (info.sent, info.received)
+    assert first == decode_sample(info)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("flags", 1 | 2),
+        ("role", 2),
+        ("tgid", 43),
+        ("netns", 4026531841),
+        ("local_port", raw_port(8081)),
+        ("remote_port", raw_port(33001)),
+        ("comm", b"other"),
+    ],
+)
+def test_refresh_makes_a_new_sample_when_anything_but_the_counters_changed(field, value) -> None:
+    decoder = SampleDecoder()
+    info = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000))
+    first = decoder.decode(bytes(info), {})
+    untouched = decode_sample(info)
+    setattr(info, field, value)
+    sample, moved = decoder.refresh(bytes(info), {first.socket_id: first})
+    assert moved and sample is not first
+    assert sample == decode_sample(info) != first
+    assert first == untouched
+
+
+def test_refresh_sees_a_changed_address() -> None:
+    decoder = SampleDecoder()
+    info = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000))
+    first = decoder.decode(bytes(info), {})
+    moved_to = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.11", 33000))
+    sample, moved = decoder.refresh(bytes(moved_to), {first.socket_id: first})
+    assert moved and sample.remote == Endpoint("198.18.0.11", 33000)
+    assert first.remote == Endpoint("198.18.0.10", 33000)
+
+
 def test_sample_decoder_caches_stay_bounded() -> None:
     decoder = SampleDecoder(limit=4)
     for port in range(10):
