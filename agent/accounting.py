@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.memo import BoundedMemo
 from agent.model import (
@@ -54,6 +55,7 @@ _SOURCES = {
     ValueSource.CONNECTIONS_CLOSED: 3,
 }
 _CLOSES = _SOURCES[ValueSource.CONNECTIONS_CLOSED]
+_SERVER = Role.SERVER
 
 
 @dataclass(slots=True)
@@ -186,6 +188,8 @@ class Accountant:
         self._clock = clock
         self._touched: dict[SeriesKey, float] = {}
         self._now = clock()
+        # id(series tuple) -> [received, sent, opened, closed (the _SOURCES order), series]
+        self._moved: dict[int, list[Any]] = {}
         self._evaluated: BoundedMemo[object, tuple[tuple[SeriesKey, ValueSource], ...]] = (
             BoundedMemo(65536)
         )
@@ -246,6 +250,7 @@ class Accountant:
             for sample in poll.finished:
                 peers.remove(sample)
             self._notice_vanished(live_ids, finished_ids)
+            self._add_moved()
             self._fold_kernel_counters(poll)
             self._expire_idle_series()
             self._publish()
@@ -298,25 +303,40 @@ class Accountant:
             received = 0
         else:
             tracked.received = sample.received_bytes
-        flags = sample.flags.value
+        flags = int(sample.flags)
         counted = tracked.counted
         opened = flags & _OPENED and not counted & _OPENED
         closed = flags & _CLOSED and flags & _ESTABLISHED and not counted & _CLOSED
         if not (sent or received or opened or closed):
             return
+        series = tracked.series
+        assert series is not None
+        # Summed per series tuple (the connections of one label set share it) and added to
+        # the totals once per poll by _add_moved.
+        moved = self._moved.get(id(series))
+        if moved is None:
+            moved = self._moved[id(series)] = [0, 0, 0, 0, series]
+        if sample.role is _SERVER:  # Istio direction: received = client -> server
+            moved[0] += received
+            moved[1] += sent
+        else:
+            moved[0] += sent
+            moved[1] += received
         if opened or closed:
             tracked.counted = counted | (_OPENED if opened else 0) | (_CLOSED if closed else 0)
-        if sample.role is Role.SERVER:  # Istio direction: received = client -> server
-            amounts = (received, sent, 1 if opened else 0, 1 if closed else 0)
-        else:
-            amounts = (sent, received, 1 if opened else 0, 1 if closed else 0)
-        assert tracked.series is not None
+            moved[2] += 1 if opened else 0
+            moved[3] += 1 if closed else 0
+
+    def _add_moved(self) -> None:
+        """What this poll's sockets moved, into the totals: once per series tuple."""
         totals, touched, now = self._totals, self._touched, self._now
-        for key, source in tracked.series:
-            amount = amounts[source]
-            if amount:
-                totals[key] = totals.get(key, 0) + amount
-                touched[key] = now
+        for *amounts, series in self._moved.values():
+            for key, source in series:
+                amount = amounts[source]
+                if amount:
+                    totals[key] = totals.get(key, 0) + amount
+                    touched[key] = now
+        self._moved.clear()
 
     def _admit(
         self, series: tuple[tuple[SeriesKey, ValueSource], ...]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from prometheus_client.registry import CollectorRegistry
 
 from agent.accounting import Accountant
+from agent.collecting import tune_for_polling
 from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
 from agent.enrich.local import LocalEnricher
 from agent.exporter import SelfMetric, TcpacctCollector
@@ -160,7 +161,9 @@ def open_counting(settings: Settings) -> tuple[KernelTracer, Accountant]:
     )
     tracer.start_draining()
     enricher = LocalEnricher(ProcessNames(settings.proc_root).name)
-    return tracer, Accountant(load_catalogue(settings.config_files), enricher)
+    accountant = Accountant(load_catalogue(settings.config_files), enricher)
+    tune_for_polling()
+    return tracer, accountant
 
 
 def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgent:
@@ -217,4 +220,5 @@ def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgen
         watcher = ConfigWatcher(settings.config_files, agent.reload)
         watcher.start()
         closers.append(watcher.stop)
+    tune_for_polling()  # what exists now lives as long as the agent
     return RunningAgent(agent, server, tracer, server.port, closers)

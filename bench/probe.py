@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.accounting import Accountant
+from agent.collecting import tune_for_polling
 from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
 from agent.enrich.local import LocalEnricher
 from agent.metrics.catalogue import load_catalogue
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     attach_s = time.perf_counter() - start
     tracer.poll()  # what was in the closed map before us is not ours to count
     accountant = Accountant(load_catalogue([]), LocalEnricher(ProcessNames().name))
+    tune_for_polling()  # as the agent does once it is assembled
     agent = ProbedAgent(tracer, accountant, args.interval)
     agent.start_poller()
     _answer({"ready": True, "backend": tracer.backend, "attach_s": attach_s, **memory_kib()})
