@@ -109,3 +109,35 @@ def test_a_map_handle_refuses_a_map_of_other_sizes() -> None:
         assert MapHandle(fd, 4, 16, cpus=2).value_size == 32
     finally:
         os.close(fd)
+
+
+def test_a_batch_reader_reads_every_entry_and_gives_its_pages_back() -> None:
+    """What a batch read filled is handed back to the kernel after the poll (the pages read
+    as zeros afterwards), and the next read fills them again with the map's entries."""
+    import os
+
+    from agent.ebpf.syscalls import MapHandle, create_map
+    from agent.ebpf.tracing import _BatchReader
+
+    hash_map, entries = 1, 5000
+    fd = create_map(hash_map, 8, 96, 8192, 0, "test_release")
+    try:
+        handle = MapHandle(fd, 8, 96)
+        expected = {}
+        for index in range(entries):
+            key, value = index + 1, bytes([index % 251 + 1]) * 96
+            handle.update(key.to_bytes(8, "little"), value)
+            expected[key] = value
+        reader = _BatchReader(fd, 8, 96, 8192)
+        for _ in range(2):
+            keys, values = reader.read(delete=False)
+            got = {
+                key: bytes(values[i * 96 : (i + 1) * 96])
+                for i, key in enumerate(keys.cast("B").cast("Q"))
+            }
+            assert got == expected
+            del keys, values
+            reader.release()
+            assert not any(reader._values[: entries * 96])  # pages given back: zeros
+    finally:
+        os.close(fd)
