@@ -312,6 +312,46 @@ def measure_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure
     )
 
 
+def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
+    """The churn in rotating triplets of rounds: nothing attached, the hooks alone (the
+    probe empties the maps each second without decoding or accounting), and the agent. The
+    hooks-only ratio is the kernel side's share of the churn overhead; the rest is the
+    agent's user space (decoding, naming and accounting each finished socket)."""
+    values: dict[str, list[float]] = {"off": [], "hooks": [], "agent": []}
+    order = ["off", "hooks", "agent"]
+    try:
+        _off(probe)
+        for triplet in range(plan.pairs):
+            for mode in order[triplet % 3 :] + order[: triplet % 3]:
+                if mode != "off":
+                    probe.request({"cmd": "attach", "accounting": mode == "agent"})
+                moved = churn(plan.churn_connections, MESSAGE, CLIENT_CPU, SERVER_CPU)
+                values[mode].append(moved.rate)
+                _off(probe)
+    finally:
+        _on(probe)
+    return Figure(
+        key=f"datapath.churn_per_s.hooks_only.{backend}",
+        title="connect/send/close churn, connections/s, with the kernel hooks alone",
+        unit="1/s",
+        method=f"the churn figure's workload ({plan.churn_connections} connections, same "
+        f"CPUs) in {plan.pairs} triplets of rounds in rotating order: nothing attached (off), "
+        "the hooks attached while the probe only empties the `changed` and closed maps every "
+        "second (on: the kernel side's cost), and the whole agent "
+        "(details.agent_ratio; details.agent_over_hooks: what the agent's user space costs "
+        "on top of its hooks, per triplet).",
+        on=summarise(values["hooks"]),
+        off=summarise(values["off"]),
+        ratio=paired_ratio(values["hooks"], values["off"]),
+        details={
+            "agent_per_s": summarise(values["agent"]).as_dict(),
+            "agent_ratio": paired_ratio(values["agent"], values["off"]).as_dict(),
+            "agent_over_hooks": paired_ratio(values["agent"], values["hooks"]).as_dict(),
+            "backend": backend,
+        },
+    )
+
+
 def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> list[Figure]:
     probe.request({"cmd": "watch", "ports": "all"})
     figures = []
@@ -352,6 +392,12 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
                 series.checks,
             )
         )
+    split = measure_churn_split(probe, plan, backend)
+    figures.append(split)
+    for figure in figures:
+        if figure.key == f"datapath.churn_per_s.{backend}" and split.ratio:
+            figure.details["hooks_only_ratio"] = split.ratio.median
+            figure.details["agent_over_hooks"] = split.details["agent_over_hooks"]["median"]
     if backend == "tracepoint":
         floor = measure_floor(probe, plan, backend)
         figures.append(floor)

@@ -25,7 +25,9 @@ command                             answer
 ``{"cmd": "stats"}``                poller thread's polls and CPU per poll, RSS
 ``{"cmd": "detach"}``               detach every hook (programs stay loaded, maps kept) and
                                     pause the poller: the data path as with no agent
-``{"cmd": "attach"}``               attach again (lifecycle hooks first) and resume polling
+``{"cmd": "attach"}``               attach again (lifecycle hooks first) and resume polling;
+                                    ``"accounting": false``: the poller only empties the
+                                    ``changed`` and closed maps (hooks-only rounds)
 ``{"cmd": "quit"}``                 detach, answer ``{"ok": true}``, exit
 =================================== ===========================================================
 """
@@ -102,6 +104,7 @@ class ProbedAgent:
         self.lock = threading.Lock()
         self.attached = threading.Event()
         self.attached.set()
+        self.accounting = True  # False: hooks-only rounds (see discard_raw)
         self.watched: set[int] | None = set()  # None: every socket
         self.ledger: dict[int, SocketSample] = {}
         self.poller_cpu: list[float] = []
@@ -117,8 +120,23 @@ class ProbedAgent:
         while not self.stop.wait(self.interval):
             if not self.attached.is_set():
                 continue
+            if not self.accounting:
+                self.discard_raw()
+                continue
             result = self.poll()
             self.poller_cpu.append(result["poll_cpu_s"] + result["apply_cpu_s"])
+
+    def discard_raw(self) -> None:
+        """Hooks-only rounds: empty the ``changed`` and closed maps as a poll does, without
+        decoding or accounting what they hold, so the kernel side runs exactly as with the
+        agent while no user-space work competes with the workload. (The tracer's own
+        readers, used from here on purpose: this is the benchmark's probe.)"""
+        tracer = self.tracer
+        with self.lock, tracer._lock:
+            tracer._next_round()
+            for reader in (tracer._changes, tracer._finished):
+                reader.read(delete=True)
+                reader.release()
 
     def _record(self, poll: KernelPoll) -> None:
         watched, ledger = self.watched, self.ledger
@@ -215,8 +233,13 @@ class ProbedAgent:
             self.tracer.detach_hooks()
             self.attached.clear()
 
-    def attach(self) -> None:
+    def attach(self, accounting: bool = True) -> None:
+        """Attach the hooks; with ``accounting`` False the poller only empties the maps."""
         with self.lock:
+            if accounting and not self.accounting:
+                # what hooks-only rounds threw away: read the whole socket map next poll
+                self.tracer._seen_lost = -1
+            self.accounting = accounting
             if self.attached.is_set():
                 return
             self.tracer.attach_hooks()
@@ -261,7 +284,7 @@ def serve(agent: ProbedAgent) -> None:
             agent.detach()
             _answer({"ok": True})
         elif name == "attach":
-            agent.attach()
+            agent.attach(accounting=bool(command.get("accounting", True)))
             _answer({"ok": True})
         elif name == "quit":
             break

@@ -111,6 +111,13 @@ def why(figure: Figure) -> str:
             f"work {d['own_work_ns']:.0f} ns over it (one hash lookup, one atomic add), both "
             "from rotating triplets of rounds (off, empty program, tcpacct)"
         )
+    if "hooks_only_ratio" in d and "agent_over_hooks" in d:
+        return (
+            f"the kernel hooks alone (maps emptied, nothing decoded) keep "
+            f"{d['hooks_only_ratio']:.3f} of agent-off; the agent's user space (decoding, "
+            f"naming and accounting every finished socket) takes the rest: agent / hooks-only "
+            f"{d['agent_over_hooks']:.3f}, from rotating triplets of rounds"
+        )
     if "rss_anon_mib" in d and "rss_file_mib" in d:
         anon, mapped = _first(d["rss_anon_mib"]), _first(d["rss_file_mib"])
         if anon is not None and mapped is not None:
