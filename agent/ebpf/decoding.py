@@ -85,15 +85,24 @@ SOCK_INFO = struct.Struct("<QQQ16s16sHHHBBII16s8x")  # struct sock_info, 96 byte
 _CHANGED_IN = struct.Struct("<88xI")  # struct sock_info.changed_in
 
 
-def changed_in(raw: bytes | memoryview) -> int:
-    """The poll round that last marked a ``struct sock_info`` as changed (its ``changed_in``).
+def changed_in(raw: bytes | memoryview, offset: int = 0) -> int:
+    """The poll round that last marked the ``struct sock_info`` at ``offset`` as changed.
 
     ``changed_in(bytes(88) + (7).to_bytes(4, "little") + bytes(4))`` -> ``7``.
     """
-    return _CHANGED_IN.unpack_from(raw)[0]
+    return _CHANGED_IN.unpack_from(raw, offset)[0]
+
+
+def changed_in_column(raw: memoryview) -> Sequence[int]:
+    """Every entry's ``changed_in`` in a buffer of whole ``struct sock_info`` entries, as a
+    strided view (no copy): ``changed_in_column(buffer)[3] == changed_in(buffer, 3 * 96)``.
+    """
+    words = raw.cast("B").cast("I")  # u32 words; changed_in is word 22 of each 24
+    return words[_CHANGED_IN.size // 4 - 1 :: SOCK_INFO.size // 4]
 
 
 _Fields = tuple[Any, ...]  # SOCK_INFO.unpack's answer
+_ntohs = socket.ntohs
 _ROLES = {int(role): role for role in Role}
 _FLAGS = {value: SocketFlag(value) for value in range(16)}
 
@@ -148,14 +157,18 @@ class SampleDecoder:
             return before
         return Endpoint(address, port)
 
-    def decode(self, raw: bytes | memoryview, previous: Mapping[int, SocketSample]) -> SocketSample:
-        fields = SOCK_INFO.unpack(raw)
+    def decode(
+        self, raw: bytes | memoryview, previous: Mapping[int, SocketSample], offset: int = 0
+    ) -> SocketSample:
+        """The entry at ``offset`` of ``raw`` -> a new SocketSample."""
+        fields = SOCK_INFO.unpack_from(raw, offset)
         return self._build(fields, previous.get(fields[0]))
 
     def refresh(
-        self, raw: bytes | memoryview, previous: Mapping[int, SocketSample]
+        self, raw: bytes | memoryview, previous: Mapping[int, SocketSample], offset: int = 0
     ) -> tuple[SocketSample, bool]:
-        """A live entry read again -> (its sample, whether anything in it moved).
+        """The entry at ``offset`` of ``raw``, a live socket read again -> (its sample,
+        whether anything in it moved).
 
         When only the counters differ from ``previous``'s sample of the same socket, that
         sample's counters are updated in place and it is returned: no object is made for a
@@ -164,44 +177,31 @@ class SampleDecoder:
         ``refresh(raw with 150 bytes sent, {7: sample with 100})`` -> ``(that sample, now
         150, True)``.
         """
-        fields = SOCK_INFO.unpack(raw)
+        fields = SOCK_INFO.unpack_from(raw, offset)
         before = previous.get(fields[0])
-        if before is None or not self._same_identity(before, fields):
+        if before is None:
+            return self._build(fields, None), True
+        (_, sent, received, local, remote, local_port, remote_port, family, role, flags, netns,
+         tgid, comm) = fields  # fmt: skip
+        texts = self._addresses.get(family)
+        same = (
+            texts is not None
+            and before.pid == tgid
+            and before.netns == netns
+            and before.flags == flags & 0xF
+            and before.role == role
+            and before.local.port == _ntohs(local_port)
+            and before.remote.port == _ntohs(remote_port)
+            and before.local.address == texts.get(local)
+            and before.remote.address == texts.get(remote)
+            and before.comm == self._comms.get(comm)
+        )
+        if not same:  # anything but the counters changed (or a text is not cached yet)
             return self._build(fields, before), True
-        sent, received = fields[1], fields[2]
         if before.sent_bytes == sent and before.received_bytes == received:
             return before, False
         before.sent_bytes, before.received_bytes = sent, received
         return before, True
-
-    def _same_identity(self, before: SocketSample, fields: _Fields) -> bool:
-        """Whether everything but the counters of an unpacked entry equals ``before``."""
-        (
-            _,
-            _,
-            _,
-            local,
-            remote,
-            local_port,
-            remote_port,
-            family,
-            role,
-            flags,
-            netns,
-            tgid,
-            comm,
-        ) = fields
-        return (
-            before.flags == flags & 0xF
-            and before.role == role
-            and before.pid == tgid
-            and before.netns == netns
-            and before.local.port == socket.ntohs(local_port)
-            and before.remote.port == socket.ntohs(remote_port)
-            and before.local.address == self._address(family, local)
-            and before.remote.address == self._address(family, remote)
-            and before.comm == self._comm(comm)
-        )
 
     def _comm(self, raw: bytes) -> str:
         name = self._comms.get(raw)

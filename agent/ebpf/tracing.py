@@ -51,6 +51,7 @@ from agent.ebpf.decoding import (
     SampleDecoder,
     SockInfo,
     changed_in,
+    changed_in_column,
     decode_comm,
     decode_counters,
     encode_port,
@@ -268,10 +269,7 @@ class KernelTracer:
     # -- reading -----------------------------------------------------------------------
     def _decode_finished(self, raw: memoryview) -> list[SocketSample]:
         decode, samples = self._decoder.decode, self._samples  # callers hold self._lock
-        return [
-            decode(raw[offset : offset + SOCK_INFO_SIZE], samples)
-            for offset in range(0, len(raw), SOCK_INFO_SIZE)
-        ]
+        return [decode(raw, samples, offset) for offset in range(0, len(raw), SOCK_INFO_SIZE)]
 
     def _next_round(self) -> None:
         """Entries changed from now on are marked again (bpf/tcpacct.c mark_changed)."""
@@ -286,24 +284,18 @@ class KernelTracer:
             sums.append(sum(self._per_cpu.unpack(raw)) if raw else 0)
         return sums
 
-    def _carry_if_marked_now(self, key: int, entry: bytes | memoryview) -> None:
-        """An entry marked in the round this poll started was marked after the round
-        began: a later change in the same round marks nothing, so read it again next poll
-        (else bytes it moves after this read would wait for its next mark or its close)."""
-        if changed_in(entry) == self._round:
-            self._carried.add(key)
-
     def _read_everything(self) -> list[SocketSample]:
         """Every live entry, decoded; returns the ones that differ from the last poll."""
         raw_keys, raw = self._socks.read(delete=False)
         before = self._samples
         samples = {}
         changed = []
-        refresh, carry = self._decoder.refresh, self._carry_if_marked_now
+        refresh, current, carried = self._decoder.refresh, self._round, self._carried
+        rounds = changed_in_column(raw)
         for index, key in enumerate(raw_keys.cast("B").cast("Q")):
-            entry = raw[index * SOCK_INFO_SIZE : (index + 1) * SOCK_INFO_SIZE]
-            carry(key, entry)
-            sample, moved = refresh(entry, before)
+            if rounds[index] == current:
+                carried.add(key)  # see _read_changed
+            sample, moved = refresh(raw, before, index * SOCK_INFO_SIZE)
             samples[sample.socket_id] = sample
             if moved:
                 changed.append(sample)
@@ -312,17 +304,23 @@ class KernelTracer:
 
     def _read_changed(self, keys: set[int]) -> list[SocketSample]:
         """The entries at ``keys``: one lookup each, or one batch read of the whole map
-        when so many changed that a batch read is cheaper."""
+        when so many changed that a batch read is cheaper.
+
+        An entry marked in the round this poll started was marked after the round began:
+        a later change in the same round marks nothing, so its key is carried to the next
+        poll (else bytes it moves after this read would wait for its next mark or close).
+        """
         changed = []
         samples = self._samples
-        refresh, carry = self._decoder.refresh, self._carry_if_marked_now
+        refresh, current, carried = self._decoder.refresh, self._round, self._carried
         if len(keys) > max(1024, len(samples) // 8):
             raw_keys, raw = self._socks.read(delete=False)
+            rounds = changed_in_column(raw)
             for index, key in enumerate(raw_keys.cast("B").cast("Q")):
                 if key in keys:
-                    entry = raw[index * SOCK_INFO_SIZE : (index + 1) * SOCK_INFO_SIZE]
-                    carry(key, entry)
-                    sample, moved = refresh(entry, samples)
+                    if rounds[index] == current:
+                        carried.add(key)
+                    sample, moved = refresh(raw, samples, index * SOCK_INFO_SIZE)
                     if moved:
                         changed.append(sample)
         else:
@@ -330,7 +328,8 @@ class KernelTracer:
             for key in keys:
                 found = lookup(key.to_bytes(8, "little"))
                 if found is not None:
-                    carry(key, found)
+                    if changed_in(found) == current:
+                        carried.add(key)
                     sample, moved = refresh(found, samples)
                     if moved:
                         changed.append(sample)
