@@ -30,7 +30,6 @@ from typing import Any
 from agent.memo import BoundedMemo
 from agent.model import (
     ConnectionAttributes,
-    Endpoint,
     Enricher,
     KernelPoll,
     MetricCatalogue,
@@ -56,6 +55,7 @@ _SOURCES = {
 }
 _CLOSES = _SOURCES[ValueSource.CONNECTIONS_CLOSED]
 _SERVER = Role.SERVER
+_FourTuple = tuple[str, int, str, int]  # local address, port, remote address, port
 
 
 @dataclass(slots=True)
@@ -107,22 +107,22 @@ class _Peers:
 
     def __init__(self, *groups: Iterable[SocketSample]) -> None:
         # Almost every 4-tuple has one socket: a lone sample is stored as itself, several
-        # (the same tuple in different network namespaces) as a tuple of samples.
-        self._by_tuple: dict[
-            tuple[Endpoint, Endpoint], SocketSample | tuple[SocketSample, ...]
-        ] = {}
+        # (the same tuple in different network namespaces) as a tuple of samples. Keys are
+        # flat (address, port, address, port) tuples: hashed in C, no Endpoint.__hash__.
+        self._by_tuple: dict[_FourTuple, SocketSample | tuple[SocketSample, ...]] = {}
         for group in groups:
             for sample in group:
                 self.put(sample)
 
-    def _all(self, key: tuple[Endpoint, Endpoint]) -> tuple[SocketSample, ...]:
+    def _all(self, key: _FourTuple) -> tuple[SocketSample, ...]:
         found = self._by_tuple.get(key)
         if found is None:
             return ()
         return found if isinstance(found, tuple) else (found,)
 
     def put(self, sample: SocketSample) -> None:
-        key = (sample.local, sample.remote)
+        local, remote = sample.local, sample.remote
+        key = (local.address, local.port, remote.address, remote.port)
         found = self._by_tuple.get(key)
         if found is None or (not isinstance(found, tuple) and found.socket_id == sample.socket_id):
             self._by_tuple[key] = sample
@@ -131,9 +131,14 @@ class _Peers:
         self._by_tuple[key] = (*others, sample)
 
     def remove(self, sample: SocketSample) -> None:
-        key = (sample.local, sample.remote)
-        found = self._all(key)
-        if not found:
+        local, remote = sample.local, sample.remote
+        key = (local.address, local.port, remote.address, remote.port)
+        found = self._by_tuple.get(key)
+        if found is None:
+            return
+        if not isinstance(found, tuple):
+            if found.socket_id == sample.socket_id:
+                del self._by_tuple[key]
             return
         rest = tuple(s for s in found if s.socket_id != sample.socket_id)
         if not rest:
@@ -142,9 +147,13 @@ class _Peers:
             self._by_tuple[key] = rest[0] if len(rest) == 1 else rest
 
     def peer_of(self, sample: SocketSample) -> SocketSample | None:
-        others = [
-            c for c in self._all((sample.remote, sample.local)) if c.socket_id != sample.socket_id
-        ]
+        local, remote = sample.local, sample.remote
+        found = self._by_tuple.get((remote.address, remote.port, local.address, local.port))
+        if found is None:
+            return None
+        if not isinstance(found, tuple):
+            return found if found.socket_id != sample.socket_id else None
+        others = [c for c in found if c.socket_id != sample.socket_id]
         for candidate in others:
             if candidate.netns == sample.netns:
                 return candidate
