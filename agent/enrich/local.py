@@ -48,12 +48,13 @@ class LocalEnricher:
         self, process_name: Callable[[int], str | None], identities_kept: int = 16384
     ) -> None:
         self._process_name = process_name
-        # (endpoint, workload) -> its PeerIdentity: a server end is named once for all its
-        # connections, and a client end once for both of its sockets' views
-        self._identities: BoundedMemo[tuple[Endpoint, str], PeerIdentity] = BoundedMemo(
+        # (address, port, workload) -> its PeerIdentity: a server end is named once for all
+        # its connections, and a client end once for both of its sockets' views (flat keys
+        # hash in C, without Endpoint.__hash__)
+        self._identities: BoundedMemo[tuple[str, int, str], PeerIdentity] = BoundedMemo(
             identities_kept
         )
-        self._services: BoundedMemo[Endpoint, ServiceIdentity] = BoundedMemo(identities_kept)
+        self._services: BoundedMemo[tuple[str, int], ServiceIdentity] = BoundedMemo(identities_kept)
 
     def _name(self, sample: SocketSample) -> str | None:
         if not sample.pid:
@@ -87,13 +88,14 @@ class LocalEnricher:
 
     def _service(self, server: Endpoint) -> ServiceIdentity:
         """One ServiceIdentity per server end, shared by all its connections."""
-        service = self._services.get(server)
+        key = (server.address, server.port)
+        service = self._services.get(key)
         if service is None:
-            service = self._services.keep(server, ServiceIdentity(host=sys.intern(str(server))))
+            service = self._services.keep(key, ServiceIdentity(host=sys.intern(str(server))))
         return service
 
     def _identity(self, endpoint: Endpoint, workload: str) -> PeerIdentity:
-        key = (endpoint, workload)
+        key = (endpoint.address, endpoint.port, workload)
         identity = self._identities.get(key)
         if identity is None:
             made = PeerIdentity(workload=workload, ip=endpoint.address, port=endpoint.port)
