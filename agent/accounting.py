@@ -224,6 +224,7 @@ class Accountant:
         self._kernel_untracked = (0, 0, 0)  # sent, received, sockets
         self._kernel_spilled_sockets = 0
         self._polls = 0
+        self._last_sequence = -1  # KernelPoll.sequence of the last poll applied
 
     # -- folding -------------------------------------------------------------------------
     def apply(self, poll: KernelPoll) -> None:
@@ -231,6 +232,11 @@ class Accountant:
             self._polls += 1
             self._now = self._clock()  # when the series this poll moves were last touched
             peers = self._peers
+            # An incremental poll that follows the one this accountant saw last says what
+            # entered and left live; otherwise the whole live set is compared.
+            follows = poll.sequence > 0 and poll.sequence == self._last_sequence + 1
+            self._last_sequence = poll.sequence
+            gone: AbstractSet[int] | None = None
             if poll.changed is None:
                 todo: list[SocketSample] = list(poll.live)
                 live_ids: AbstractSet[int] = {sample.socket_id for sample in poll.live}
@@ -238,7 +244,11 @@ class Accountant:
                 by_id = poll.by_id if poll.by_id is not None else poll.live_by_id()
                 live_ids = by_id.keys()
                 # what changed, what this accountant has not seen yet, what waits for a name
-                pending = (live_ids - self._tracked.keys()) | (self._held & live_ids)
+                if follows:  # every socket new to live is in changed
+                    pending = {sid for sid in self._held if sid in by_id}
+                    gone = {*poll.gone, *self._missing}
+                else:
+                    pending = (live_ids - self._tracked.keys()) | (self._held & live_ids)
                 pending -= {sample.socket_id for sample in poll.changed}
                 todo = [*poll.changed, *(by_id[sid] for sid in pending)]
             # The index holds each socket's newest sample (no older copy stays alive); a
@@ -258,7 +268,7 @@ class Accountant:
                 self._advance(sample, peers, final=True)
             for sample in poll.finished:
                 peers.remove(sample)
-            self._notice_vanished(live_ids, finished_ids)
+            self._notice_vanished(live_ids, finished_ids, gone)
             self._add_moved()
             self._fold_kernel_counters(poll)
             self._expire_idle_series()
@@ -414,11 +424,27 @@ class Accountant:
                 out.append((SeriesKey(definition.name, labels), definition.value))
         return self._evaluated.keep(key, tuple(out))
 
-    def _notice_vanished(self, live_ids: AbstractSet[int], finished_ids: set[int]) -> None:
-        """Sockets gone from both maps: the kernel spilled their close (closed map full)."""
+    def _notice_vanished(
+        self,
+        live_ids: AbstractSet[int],
+        finished_ids: set[int],
+        candidates: AbstractSet[int] | None = None,
+    ) -> None:
+        """Sockets gone from both maps: the kernel spilled their close (closed map full).
+
+        ``candidates``: the only tracked sockets that can be absent (what the reader said
+        left live, and those already missing); None: any tracked socket."""
         unattributed = self._unattributed
         unattributed.missing_sent = unattributed.missing_received = 0
-        absent = self._tracked.keys() - live_ids - finished_ids
+        if candidates is None:
+            absent = self._tracked.keys() - live_ids - finished_ids
+        else:
+            tracked = self._tracked
+            absent = {
+                sid
+                for sid in candidates
+                if sid in tracked and sid not in live_ids and sid not in finished_ids
+            }
         self._missing = {sid: self._missing.get(sid, 0) + 1 for sid in absent}
         for sid, polls in list(self._missing.items()):
             tracked = self._tracked[sid]

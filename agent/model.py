@@ -169,6 +169,12 @@ class KernelPoll:
     # live, by socket id, when the reader has it: may be a view of the reader's own table,
     # valid until its next poll (accounting reads it within the poll it came with)
     by_id: Mapping[int, SocketSample] | None = None
+    # An incremental reader numbers its polls from 1. A consumer that saw the previous one
+    # may trust that every socket new to live is in ``changed`` and that every one that
+    # left live without a finished record is in ``gone``; one that did not (or 0: not
+    # numbered) compares the whole live set instead.
+    sequence: int = 0
+    gone: tuple[int, ...] = ()  # socket ids that left live without a finished record
 
     def live_by_id(self) -> dict[int, SocketSample]:
         return {sample.socket_id: sample for sample in self.live}

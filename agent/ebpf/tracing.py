@@ -259,6 +259,8 @@ class KernelTracer:
         self._samples: dict[int, SocketSample] = {}  # id -> last decoded sample (live)
         # keys to read again next poll: entries read in the round that marked them
         self._carried: set[int] = set()
+        self._sequence = 0  # polls made (KernelPoll.sequence)
+        self._gone: set[int] = set()  # ids a whole-map read no longer found
         self._decoder = SampleDecoder()
         self._drained: list[SocketSample] = []
         self._max_drained = 4 * capacities.closed
@@ -299,6 +301,7 @@ class KernelTracer:
             samples[sample.socket_id] = sample
             if moved:
                 changed.append(sample)
+        self._gone.update(before.keys() - samples.keys())  # less those finished: poll()
         self._samples = samples
         return changed
 
@@ -360,15 +363,25 @@ class KernelTracer:
             finished.extend(self._decode_finished(self._finished.read(delete=True)[1]))
             self._drained = []
             samples = self._samples
+            gone = self._gone
             for sample in finished:
                 samples.pop(sample.socket_id, None)
+                gone.discard(sample.socket_id)
+            self._gone = set()
+            self._sequence += 1
             live = tuple(samples.values())
             for reader in (self._changes, self._socks, self._finished):
                 reader.release()  # everything read is decoded into samples by now
         # by_id is a read-only view of the reader's own table (no copy of 200k entries per
         # poll): it holds until the next poll, which is all accounting needs of it.
         return KernelPoll(
-            counters, live, tuple(finished), tuple(changed), types.MappingProxyType(samples)
+            counters,
+            live,
+            tuple(finished),
+            tuple(changed),
+            types.MappingProxyType(samples),
+            sequence=self._sequence,
+            gone=tuple(gone),
         )
 
     def drain(self) -> int:

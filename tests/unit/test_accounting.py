@@ -405,6 +405,66 @@ def test_vanished_socket_leaves_exactly_its_uncounted_rest_unattributed() -> Non
     assert unattributed(accountant) == (50, 10)  # actual: (150, 30)
 
 
+def incremental(
+    sequence: int,
+    live: list[SocketSample],
+    changed: list[SocketSample],
+    *,
+    gone: tuple[int, ...] = (),
+    counters: KernelCounters | None = None,
+) -> KernelPoll:
+    """A numbered poll of an incremental reader (as KernelTracer makes them)."""
+    return KernelPoll(
+        counters if counters is not None else KernelCounters(),
+        tuple(live),
+        (),
+        tuple(changed),
+        {s.socket_id: s for s in live},
+        sequence=sequence,
+        gone=gone,
+    )
+
+
+def test_a_numbered_poll_that_says_a_socket_is_gone_spills_it_exactly() -> None:
+    """Polls that follow each other: absence is learned from ``gone`` (and the sockets
+    already missing), not by comparing every tracked socket with the live set."""
+    accountant = fake_accountant()
+    one, two = sample(1, sent=100, received=20), sample(2, sent=5)
+    accountant.apply(incremental(1, [one, two], [one, two]))
+    accountant.apply(incremental(2, [two], [], gone=(1,), counters=spilled(150, 30)))
+    assert accountant.stats().tracked_sockets == 2  # absent once
+    accountant.apply(incremental(3, [two], [], counters=spilled(150, 30)))
+    assert accountant.stats().tracked_sockets == 1  # absent twice: declared spilled
+    assert totals(accountant, "fake_received_bytes_total") == {CLIENT_SERIES: 105}
+    assert totals(accountant, "fake_closed_total") == {CLIENT_SERIES: 1}
+    assert unattributed(accountant) == (50, 10)
+
+
+def test_a_numbered_poll_after_a_gap_compares_the_whole_live_set() -> None:
+    """A poll this accountant did not see may have brought sockets (or taken them away):
+    after a gap in the numbering the whole live set is compared."""
+    accountant = fake_accountant()
+    one, two = sample(1, sent=100), sample(2, sent=7)
+    accountant.apply(incremental(1, [one], [one]))
+    # poll 2 (which brought socket 2 and took socket 1 away) went elsewhere
+    accountant.apply(incremental(3, [two], [], counters=spilled(100, 0)))
+    accountant.apply(incremental(4, [two], [], counters=spilled(100, 0)))
+    assert totals(accountant, "fake_received_bytes_total") == {CLIENT_SERIES: 107}
+    assert accountant.stats().tracked_sockets == 1
+    assert unattributed(accountant) == (0, 0)
+
+
+def test_a_held_back_socket_is_asked_again_on_numbered_polls_without_changes() -> None:
+    enricher = FakeEnricher(pending={1})
+    accountant = fake_accountant(enricher, max_wait_polls=2)
+    one = sample(1, sent=100)
+    accountant.apply(incremental(1, [one], [one]))
+    accountant.apply(incremental(2, [one], []))
+    accountant.apply(incremental(3, [one], []))  # waited enough: named with what it has
+    assert totals(accountant, "fake_received_bytes_total") == {CLIENT_SERIES: 100}
+    assert [call for call in enricher.calls if call[0] == 1][-1] == (1, True)
+
+
 def test_untracked_bytes_are_unattributed() -> None:
     accountant = fake_accountant()
     counters = KernelCounters(
@@ -600,6 +660,9 @@ class _KernelModel:
     connections: int = 0
     counters: KernelCounters = field(default_factory=KernelCounters)
     polled: set[int] = field(default_factory=set)  # socket ids a poll has shown
+    numbered: bool = False  # drain as an incremental reader does (changed, gone, sequence)
+    sequence: int = 0
+    last_live: dict[int, SocketSample] = field(default_factory=dict)
 
     def open(self, role: Role) -> None:
         sid = self.next_id
@@ -656,6 +719,18 @@ class _KernelModel:
             finished=list(self.closed.values()),
             counters=self.counters,
         )
+        if self.numbered:
+            self.sequence += 1
+            result = dataclasses.replace(
+                result,
+                changed=tuple(
+                    s for s in self.live.values() if self.last_live.get(s.socket_id) is not s
+                ),
+                by_id=dict(self.live),
+                sequence=self.sequence,
+                gone=tuple(set(self.last_live) - set(self.live) - set(self.closed)),
+            )
+            self.last_live = dict(self.live)
         self.polled |= {*self.live, *self.closed}
         self.closed.clear()
         return result
@@ -737,7 +812,11 @@ _lossy_actions = st.one_of(
 def test_property_with_full_maps_every_byte_is_counted_once_somewhere(actions) -> None:
     """Spilled closes and untracked sockets: series plus unattributed == bytes moved, at
     every poll never more, and each connection closed once."""
-    kernel = _KernelModel()
+    for numbered in (False, True):
+        _every_byte_once(actions, _KernelModel(numbered=numbered))
+
+
+def _every_byte_once(actions, kernel: _KernelModel) -> None:
     enricher = FakeEnricher()
     accountant = Accountant(FakeCatalogue(), enricher, max_wait_polls=2)
     untracked = 0
