@@ -98,7 +98,10 @@ class TcpLife:
     def start(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("BCC_KERNEL_SOURCE", str(choose_headers().path))
-        script = f"mount -t tracefs nodev /sys/kernel/tracing && exec /usr/bin/python3 {TCPLIFE} -s"
+        script = (
+            "mount -t tracefs nodev /sys/kernel/tracing && "
+            f"exec /usr/bin/python3 {TCPLIFE} -s"
+        )
         started = time.monotonic()
         with self._out.open("wb") as out, self._err.open("wb") as err:
             self.process = subprocess.Popen(

@@ -172,9 +172,8 @@ def mini_kernel(
     w.array(u8, u32, 16)
     in6_addr = ids["in6_addr"] = w.struct("in6_addr", 16, [("s6_addr", w.next_id - 1, 0)])
     # ns_common { ...; unsigned int inum @ 16 }, net { ...; struct ns_common ns @ 120 }
-    ns_common = w.struct(
-        "ns_common", 24, [("stashed", u64, 0), ("ops", u64, 64), ("inum", u32, 128)]
-    )
+    ns_common = w.struct("ns_common", 24, [("stashed", u64, 0), ("ops", u64, 64),
+                                           ("inum", u32, 128)])
     net = ids["net"] = w.struct("net", 256, [("passive", u32, 0), ("ns", ns_common, 960)])
     possible_net = ids["possible_net"] = w.struct("", 8, [("net", w.next_id + 1, 0)])
     w.ptr(net)  # id possible_net + 1
@@ -205,12 +204,8 @@ def mini_kernel(
     ids["sock"] = w.struct(
         "sock",
         768,
-        [
-            ("__sk_common", sock_common, 8 * sk_common_offset),
-            ("sk_gso_type", u16, 4112),
-            ("sk_protocol", u16 if sk_protocol_size == 2 else u8, 4128),
-            ("sk_type", u16, 4144),
-        ],
+        [("__sk_common", sock_common, 8 * sk_common_offset), ("sk_gso_type", u16, 4112),
+         ("sk_protocol", u16 if sk_protocol_size == 2 else u8, 4128), ("sk_type", u16, 4144)],
     )
     ids["inet_sock"] = w.struct(
         "inet_sock", 976, [("sk", ids["sock"], 0), ("inet_sport", be16, 6256)]
@@ -218,22 +213,13 @@ def mini_kernel(
     sock_ptr = w.ptr(ids["sock"])
     msghdr = w.fwd("msghdr")
     int_ = w.int("int", 4, signed=True)
-    proto = w.func_proto(
-        int_,
-        [
-            ("sk", sock_ptr),
-            ("msg", w.ptr(msghdr)),
-            ("len", u64),
-            ("flags", int_),
-            ("addr_len", w.ptr(int_)),
-        ],
-    )
+    proto = w.func_proto(int_, [("sk", sock_ptr), ("msg", w.ptr(msghdr)), ("len", u64),
+                                ("flags", int_), ("addr_len", w.ptr(int_))])
     ids["tcp_recvmsg"] = w.func("tcp_recvmsg", proto)
     proto = w.func_proto(int_, [("sk", sock_ptr), ("msg", w.ptr(msghdr)), ("size", u64)])
     ids["tcp_sendmsg"] = w.func("tcp_sendmsg", proto)
-    ids["tcp_cleanup_rbuf"] = w.func(
-        "tcp_cleanup_rbuf", w.func_proto(0, [("sk", sock_ptr), ("copied", int_)])
-    )
+    ids["tcp_cleanup_rbuf"] = w.func("tcp_cleanup_rbuf", w.func_proto(0, [("sk", sock_ptr),
+                                                                          ("copied", int_)]))
     ids["void_fn"] = w.func("tcp_init", w.func_proto(0, []))
     w.var("sysctl_tcp_mem", u64)
     w.datasec(".data", 8, [(w.next_id - 1, 0, 8)])

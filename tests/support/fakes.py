@@ -1,10 +1,10 @@
 """Fakes for unit tests: socket samples, polls, an enricher and a tiny metric catalogue.
 
-sample(7, sent=100, role=Role.CLIENT)                  -> a SocketSample with socket id 7
-poll(live=[sample(7, sent=100)], finished=[])          -> a KernelPoll
-FakeEnricher(pending={7}).attributes(s7, peers, final=False) -> None (held back)
-FakeCatalogue().definitions() -> one metric per ValueSource, labels
-    (reporter, source_workload, destination_workload)
+    sample(7, sent=100, role=Role.CLIENT)                  -> a SocketSample with socket id 7
+    poll(live=[sample(7, sent=100)], finished=[])          -> a KernelPoll
+    FakeEnricher(pending={7}).attributes(s7, peers, final=False) -> None (held back)
+    FakeCatalogue().definitions() -> one metric per ValueSource, labels
+        (reporter, source_workload, destination_workload)
 """
 
 from __future__ import annotations

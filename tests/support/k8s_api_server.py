@@ -255,7 +255,9 @@ class KubernetesApiServer:
             previous = self.state.objects.get(key)
             if previous is not None:
                 metadata.setdefault("uid", previous["metadata"]["uid"])
-                metadata.setdefault("creationTimestamp", previous["metadata"]["creationTimestamp"])
+                metadata.setdefault(
+                    "creationTimestamp", previous["metadata"]["creationTimestamp"]
+                )
             metadata.setdefault("uid", str(uuid.uuid4()))
             metadata.setdefault("creationTimestamp", _now_rfc3339())
             self.state.resource_version += 1
@@ -345,7 +347,8 @@ class KubernetesApiServer:
             return [
                 r
                 for r in self.requests
-                if r.path.rstrip("/").endswith("/" + plural) and (watch is None or r.watch == watch)
+                if r.path.rstrip("/").endswith("/" + plural)
+                and (watch is None or r.watch == watch)
             ]
 
     def open_watches(self) -> int:
@@ -431,9 +434,8 @@ class KubernetesApiServer:
     ) -> None:
         """Streams events until the timeout, :meth:`end_watches`, or :meth:`stop`."""
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
-        timeout = min(
-            float(query.get("timeoutSeconds") or self.max_watch_seconds), self.max_watch_seconds
-        )
+        timeout = min(float(query.get("timeoutSeconds") or self.max_watch_seconds),
+                      self.max_watch_seconds)
         deadline = time.monotonic() + timeout
         requested = query.get("resourceVersion") or ""
         state = self.state
@@ -652,8 +654,7 @@ def pod(
     if owner:
         metadata["ownerReferences"] = [
             {
-                "apiVersion": "apps/v1"
-                if owner[0] in ("ReplicaSet", "StatefulSet", "DaemonSet")
+                "apiVersion": "apps/v1" if owner[0] in ("ReplicaSet", "StatefulSet", "DaemonSet")
                 else "batch/v1",
                 "kind": owner[0],
                 "name": owner[1],
@@ -725,13 +726,8 @@ def replica_set(name: str, namespace: str, deployment: str | None) -> dict[str, 
     metadata: dict[str, Any] = {"name": name, "namespace": namespace}
     if deployment:
         metadata["ownerReferences"] = [
-            {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "name": deployment,
-                "uid": str(uuid.uuid4()),
-                "controller": True,
-            }
+            {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment,
+             "uid": str(uuid.uuid4()), "controller": True}
         ]
     return {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": metadata, "spec": {}}
 
@@ -741,12 +737,7 @@ def job(name: str, namespace: str, cronjob: str | None) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": name, "namespace": namespace}
     if cronjob:
         metadata["ownerReferences"] = [
-            {
-                "apiVersion": "batch/v1",
-                "kind": "CronJob",
-                "name": cronjob,
-                "uid": str(uuid.uuid4()),
-                "controller": True,
-            }
+            {"apiVersion": "batch/v1", "kind": "CronJob", "name": cronjob,
+             "uid": str(uuid.uuid4()), "controller": True}
         ]
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": {}}

@@ -230,7 +230,11 @@ class NetLab:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             table = run(["ip", "neigh", "show", "dev", self.bridge])
-            learned = {line.split()[0] for line in table.splitlines() if line and "lladdr" in line}
+            learned = {
+                line.split()[0]
+                for line in table.splitlines()
+                if line and "lladdr" in line
+            }
             if all(address in learned for address in addresses):
                 return
             time.sleep(0.02)
@@ -296,7 +300,7 @@ class NetLab:
         # would stay ESTABLISHED for days).
         for hook, match in (("prerouting", "iif"), ("output", "oif")):
             lines.append(
-                f"  chain untracked_{hook} {{ type filter hook {hook} priority raw; "
+                f'  chain untracked_{hook} {{ type filter hook {hook} priority raw; '
                 f'{match} "lo" notrack; }}'
             )
         lines.append("}")
@@ -322,9 +326,8 @@ class NetLab:
             except (RuntimeError, OSError) as error:
                 text = str(error)
             if argv[0] == "conntrack":
-                text = "\n".join(
-                    line for line in text.splitlines() if any(prefix in line for prefix in prefixes)
-                )
+                text = "\n".join(line for line in text.splitlines() if any(
+                    prefix in line for prefix in prefixes))
             parts.append(f"$ {' '.join(argv)}\n{text}")
         return "\n".join(parts)
 

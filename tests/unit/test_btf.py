@@ -53,14 +53,10 @@ def test_direct_member(kernel) -> None:
 
 def test_member_inside_anonymous_struct_inside_anonymous_union(kernel) -> None:
     btf, _ = kernel
-    assert (
-        btf.member("sock_common", "skc_daddr").offset,
-        btf.member("sock_common", "skc_daddr").size,
-    ) == (0, 4)
-    assert (
-        btf.member("sock_common", "skc_rcv_saddr").offset,
-        btf.member("sock_common", "skc_rcv_saddr").size,
-    ) == (4, 4)
+    assert (btf.member("sock_common", "skc_daddr").offset,
+            btf.member("sock_common", "skc_daddr").size) == (0, 4)
+    assert (btf.member("sock_common", "skc_rcv_saddr").offset,
+            btf.member("sock_common", "skc_rcv_saddr").size) == (4, 4)
     assert btf.member("sock_common", "skc_addrpair").offset == 0
     assert btf.member("sock_common", "skc_hash").offset == 8
 
@@ -77,7 +73,9 @@ def test_member_size_through_typedefs_and_arrays(kernel) -> None:
     daddr = btf.member("sock_common", "skc_v6_daddr")
     assert (daddr.offset, daddr.size, daddr.type_id) == (56, 16, ids["in6_addr"])
     assert btf.member("in6_addr", "s6_addr").size == 16  # u8[16]
-    assert btf.member("sock_common", "skc_net") == Member("skc_net", 48, 8, ids["possible_net_t"])
+    assert btf.member("sock_common", "skc_net") == Member(
+        "skc_net", 48, 8, ids["possible_net_t"]
+    )
 
 
 def test_struct_named_by_a_typedef_of_an_anonymous_struct(kernel) -> None:

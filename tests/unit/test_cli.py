@@ -31,27 +31,10 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
 
     monkeypatch.setattr(cli, "_run", record)
     monkeypatch.setattr(wiring, "build_agent", tripwire)
-    for name in (
-        "INTERVAL",
-        "LISTEN",
-        "BACKEND",
-        "LOG_LEVEL",
-        "MAX_SOCKETS",
-        "CONFIG",
-        "KUBERNETES",
-        "KUBECONFIG",
-        "NODE_NAME",
-        "TLS_CERT",
-        "TLS_KEY",
-        "BASIC_AUTH",
-        "BEARER_TOKEN",
-        "PROC_ROOT",
-        "CGROUP_ROOT",
-        "BTF_PATH",
-        "MAX_SERIES",
-        "SERIES_TTL",
-        "COMPILE_CACHE",
-    ):
+    for name in ("INTERVAL", "LISTEN", "BACKEND", "LOG_LEVEL", "MAX_SOCKETS", "CONFIG",
+                 "KUBERNETES", "KUBECONFIG", "NODE_NAME", "TLS_CERT", "TLS_KEY", "BASIC_AUTH",
+                 "BEARER_TOKEN", "PROC_ROOT", "CGROUP_ROOT", "BTF_PATH", "MAX_SERIES",
+                 "SERIES_TTL", "COMPILE_CACHE"):
         monkeypatch.delenv(f"TCPACCT_{name}", raising=False)
     monkeypatch.delenv("NODE_NAME", raising=False)
     return calls
@@ -99,10 +82,8 @@ def test_bad_interval_from_the_environment(started, value: str) -> None:
     [
         ("bad", "--listen 'bad': expected HOST:PORT, e.g. 0.0.0.0:9437"),
         ("0.0.0.0:99999", "--listen '0.0.0.0:99999': port must be 1-65535"),
-        (
-            "host.example:80",
-            "--listen 'host.example:80': 'host.example' is not an IP address (or localhost)",
-        ),
+        ("host.example:80", "--listen 'host.example:80': 'host.example' is not an IP address "
+                            "(or localhost)"),
     ],
 )
 def test_bad_listen(started, value: str, message: str) -> None:
@@ -173,78 +154,41 @@ def test_defaults(started) -> None:
 
 def test_flags_become_settings(started, tmp_path: Path) -> None:
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    result = invoke(
-        [
-            "run",
-            "--listen",
-            "[::1]:9000",
-            "--interval",
-            "2m",
-            "--backend",
-            "tracepoint",
-            "--log-level",
-            "debug",
-            "--max-sockets",
-            "2048",
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(key),
-            "--basic-auth",
-            "prom:s3:cret",
-            "--proc-root",
-            "/host/proc",
-            "--no-kubernetes",
-        ]
-    )
+    result = invoke([
+        "run", "--listen", "[::1]:9000", "--interval", "2m", "--backend", "tracepoint",
+        "--log-level", "debug", "--max-sockets", "2048", "--tls-cert", str(cert),
+        "--tls-key", str(key), "--basic-auth", "prom:s3:cret", "--proc-root", "/host/proc",
+        "--no-kubernetes",
+    ])
     assert result.exit_code == 0, result.output
     assert started == [
         Settings(
-            listen_host="::1",
-            listen_port=9000,
-            interval=120.0,
-            backend="tracepoint",
-            log_level="debug",
-            max_sockets=2048,
-            max_closed=2048,
-            tls_cert=cert,
-            tls_key=key,
-            basic_auth=("prom", "s3:cret"),
-            proc_root=Path("/host/proc"),
-            kubernetes=False,
+            listen_host="::1", listen_port=9000, interval=120.0, backend="tracepoint",
+            log_level="debug", max_sockets=2048, max_closed=2048, tls_cert=cert, tls_key=key,
+            basic_auth=("prom", "s3:cret"), proc_root=Path("/host/proc"), kubernetes=False,
         )
     ]
 
 
 def test_environment_twins_become_settings(started) -> None:
-    result = invoke(
-        ["run"],
-        env={
-            "TCPACCT_INTERVAL": "1.5s",
-            "TCPACCT_LISTEN": "127.0.0.1:19437",
-            "TCPACCT_BACKEND": "kprobe",
-            "TCPACCT_MAX_SOCKETS": "4096",
-            "TCPACCT_CONFIG": "a.yaml:b.yaml",  # README: `:`-separated
-            "TCPACCT_KUBERNETES": "true",
-            "TCPACCT_BEARER_TOKEN": "t0ken",
-            "NODE_NAME": "node-7",
-            "TCPACCT_BTF_PATH": "/host/sys/kernel/btf/vmlinux",
-            "TCPACCT_COMPILE_CACHE": "/var/lib/tcpacct/bpf",
-        },
-    )
+    result = invoke(["run"], env={
+        "TCPACCT_INTERVAL": "1.5s",
+        "TCPACCT_LISTEN": "127.0.0.1:19437",
+        "TCPACCT_BACKEND": "kprobe",
+        "TCPACCT_MAX_SOCKETS": "4096",
+        "TCPACCT_CONFIG": "a.yaml:b.yaml",  # README: `:`-separated
+        "TCPACCT_KUBERNETES": "true",
+        "TCPACCT_BEARER_TOKEN": "t0ken",
+        "NODE_NAME": "node-7",
+        "TCPACCT_BTF_PATH": "/host/sys/kernel/btf/vmlinux",
+        "TCPACCT_COMPILE_CACHE": "/var/lib/tcpacct/bpf",
+    })
     assert result.exit_code == 0, result.output
     assert started == [
         Settings(
-            listen_host="127.0.0.1",
-            listen_port=19437,
-            interval=1.5,
-            backend="kprobe",
-            max_sockets=4096,
-            max_closed=4096,
-            config_files=(Path("a.yaml"), Path("b.yaml")),
-            kubernetes=True,
-            bearer_token="t0ken",
-            node_name="node-7",
+            listen_host="127.0.0.1", listen_port=19437, interval=1.5, backend="kprobe",
+            max_sockets=4096, max_closed=4096, config_files=(Path("a.yaml"), Path("b.yaml")),
+            kubernetes=True, bearer_token="t0ken", node_name="node-7",
             btf_path=Path("/host/sys/kernel/btf/vmlinux"),
             compile_cache=Path("/var/lib/tcpacct/bpf"),
         )
@@ -290,9 +234,8 @@ def test_invalid_metric_config_exits_2_before_loading_bpf(monkeypatch, tmp_path,
 # -- config validate --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name", ["tcp-metrics.yaml", "tcp-metrics-native.yaml", "tcp-metrics-crd.yaml"]
-)
+@pytest.mark.parametrize("name", ["tcp-metrics.yaml", "tcp-metrics-native.yaml",
+                                  "tcp-metrics-crd.yaml"])
 def test_config_validate_accepts_a_fixture_file(name: str) -> None:
     result = invoke(["config", "validate", str(FIXTURES / name)])
     assert (result.exit_code, result.output) == (

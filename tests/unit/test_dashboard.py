@@ -36,25 +36,8 @@ SELF_METRICS = {
     "tcpacct_build_info",
 }
 PROMQL_WORDS = {
-    "sum",
-    "max",
-    "min",
-    "avg",
-    "count",
-    "topk",
-    "rate",
-    "increase",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "bool",
-    "and",
-    "or",
-    "unless",
-    "offset",
+    "sum", "max", "min", "avg", "count", "topk", "rate", "increase", "by", "without", "on",
+    "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
     "label_values",
 }
 # Grafana's own variables, replaced by a value Prometheus accepts before parsing.
@@ -71,11 +54,8 @@ def panels() -> list[dict[str, Any]]:
 
 def expressions() -> list[tuple[str, str]]:
     """(panel title/refId, PromQL) of every query target."""
-    return [
-        (f"{panel['title']}/{target['refId']}", target["expr"])
-        for panel in panels()
-        for target in panel["targets"]
-    ]
+    return [(f"{panel['title']}/{target['refId']}", target["expr"])
+            for panel in panels() for target in panel["targets"]]
 
 
 def variables() -> dict[str, dict[str, Any]]:
@@ -106,10 +86,8 @@ def substituted(expr: str) -> str:
 
 
 def test_metric_names_are_found_outside_labels_and_functions() -> None:
-    expr = (
-        'max by (instance, map) (tcpacct_map_entries{instance=~"$instance"})'
-        " / max by (instance, map) (tcpacct_map_capacity)"
-    )
+    expr = ('max by (instance, map) (tcpacct_map_entries{instance=~"$instance"})'
+            ' / max by (instance, map) (tcpacct_map_capacity)')
     assert metric_names(expr) == {"tcpacct_map_entries", "tcpacct_map_capacity"}
 
 
@@ -135,11 +113,8 @@ def test_queries_name_only_metrics_tcpacct_exports() -> None:
             (metric,) = re.findall(r"label_values\(\s*([\w:]+)\s*,", variable["query"]["query"])
             assert metric in ISTIO_METRICS | SELF_METRICS, variable["name"]
     assert used >= ISTIO_METRICS
-    assert {
-        "tcpacct_unattributed_bytes_total",
-        "tcpacct_poll_duration_seconds",
-        "tcpacct_map_entries",
-    } <= used
+    assert {"tcpacct_unattributed_bytes_total", "tcpacct_poll_duration_seconds",
+            "tcpacct_map_entries"} <= used
 
 
 def test_every_variable_used_is_defined() -> None:
@@ -151,11 +126,8 @@ def test_every_variable_used_is_defined() -> None:
 def test_traffic_panels_keep_both_reporters_apart() -> None:
     """A same-node connection is reported by both ends: group by reporter, never add them."""
     reporter = variables()["reporter"]
-    assert {option["value"] for option in reporter["options"]} == {
-        "$__all",
-        "source",
-        "destination",
-    }
+    assert {option["value"] for option in reporter["options"]} == {"$__all", "source",
+                                                                  "destination"}
     for panel in panels():
         for target in panel["targets"]:
             if metric_names(target["expr"]) & ISTIO_METRICS:
@@ -175,22 +147,14 @@ def test_prometheus_parses_every_query(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool not found: it comes with Debian's prometheus (make setup)")
-    rules = {
-        "groups": [
-            {
-                "name": "dashboard",
-                "rules": [
-                    {"record": f"dashboard:query_{i}", "expr": substituted(expr)}
-                    for i, (_, expr) in enumerate(expressions())
-                ],
-            }
-        ]
-    }
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": substituted(expr)}
+        for i, (_, expr) in enumerate(expressions())
+    ]}]}
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump(rules))
-    result = subprocess.run(
-        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(expressions())} rules found" in result.stdout
 
@@ -201,24 +165,8 @@ def test_promtool_rejects_a_broken_query(tmp_path: Path) -> None:
     if promtool is None:
         pytest.fail("promtool not found: it comes with Debian's prometheus (make setup)")
     path = tmp_path / "rules.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "groups": [
-                    {
-                        "name": "g",
-                        "rules": [
-                            {
-                                "record": "r",
-                                "expr": "sum by (reporter (rate(istio_tcp_sent_bytes_total[1m]))",
-                            }
-                        ],
-                    }
-                ]
-            }
-        )
-    )
-    result = subprocess.run(
-        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
+    path.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [
+        {"record": "r", "expr": "sum by (reporter (rate(istio_tcp_sent_bytes_total[1m]))"}]}]}))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode == 1

@@ -85,7 +85,7 @@ def daemonset_container() -> dict[str, Any]:
 
 
 def test_parser_joins_continuations_and_skips_comments() -> None:
-    text = '# c\nFROM a:b\nRUN x \\\n  # inner\n  && y\nCMD ["run"]\n'
+    text = "# c\nFROM a:b\nRUN x \\\n  # inner\n  && y\nCMD [\"run\"]\n"
     assert parse_dockerfile(text) == [("FROM", "a:b"), ("RUN", "x && y"), ("CMD", '["run"]')]
 
 
@@ -154,7 +154,8 @@ def ignored(path: str, patterns: list[str]) -> bool:
         negated = pattern.startswith("!")
         cleaned = pattern.removeprefix("!").strip("/")
         if cleaned.startswith("**/"):
-            matches = any(fnmatch.fnmatch(PurePosixPath(c).name, cleaned[3:]) for c in candidates)
+            matches = any(fnmatch.fnmatch(PurePosixPath(c).name, cleaned[3:])
+                          for c in candidates)
         else:
             matches = any(fnmatch.fnmatch(c, cleaned) for c in candidates)
         if matches:
@@ -173,13 +174,8 @@ def test_dockerignore_sends_what_is_copied_and_nothing_else() -> None:
         assert not ignored(source, patterns), source
     assert not ignored("agent/cli.py", patterns)
     assert not ignored("bpf/common.h", patterns)
-    for path in (
-        ".venv/bin/python",
-        ".git/HEAD",
-        "tests/unit/test_dockerfile.py",
-        "agent/__pycache__/cli.cpython-311.pyc",
-        "bench/run.py",
-    ):
+    for path in (".venv/bin/python", ".git/HEAD", "tests/unit/test_dockerfile.py",
+                 "agent/__pycache__/cli.cpython-311.pyc", "bench/run.py"):
         assert ignored(path, patterns), path
 
 

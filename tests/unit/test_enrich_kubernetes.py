@@ -187,12 +187,8 @@ def test_pod_to_pod_direct_from_both_ends() -> None:
 def test_cluster_ip_backend_comes_from_conntrack() -> None:
     nat = FakeNat(
         [
-            (
-                ("198.18.0.2", 40000),
-                ("198.19.0.10", 27017),
-                ("198.18.0.4", 27017),
-                ("198.18.0.2", 40000),
-            ),
+            (("198.18.0.2", 40000), ("198.19.0.10", 27017), ("198.18.0.4", 27017),
+             ("198.18.0.2", 40000)),
         ]
     )
     enricher, _ = make(nat=nat)
@@ -218,20 +214,14 @@ def test_cluster_ip_without_conntrack_entry_keeps_the_service() -> None:
 def test_server_behind_masquerade_gets_the_real_client_and_service() -> None:
     nat = FakeNat(
         [
-            (
-                ("198.18.0.2", 40000),
-                ("198.19.0.10", 27017),
-                ("198.18.0.3", 27017),
-                ("198.18.0.1", 61000),
-            ),
+            (("198.18.0.2", 40000), ("198.19.0.10", 27017), ("198.18.0.3", 27017),
+             ("198.18.0.1", 61000)),
         ]
     )
     enricher, _ = make(nat=nat)
     server = sample(("198.18.0.3", 27017), ("198.18.0.1", 61000), Role.SERVER, netns=DB_NS)
     assert enricher.attributes(server, NO_PEERS, final=False) == ConnectionAttributes(
-        Reporter.DESTINATION,
-        at(WEB, "198.18.0.2", 40000),
-        at(DB0, "198.18.0.3", 27017),
+        Reporter.DESTINATION, at(WEB, "198.18.0.2", 40000), at(DB0, "198.18.0.3", 27017),
         DB_SERVICE,
     )
 
@@ -339,38 +329,20 @@ def test_with_the_real_cache() -> None:
     from tests.support.k8s_api_server import endpoint_slice, pod, replica_set, service
 
     cache = KubernetesCache(clock=lambda: 2_000_000_000.0)
-    web = decode_pod(
-        pod(
-            "web-7f-x",
-            "shop",
-            "198.18.0.2",
-            owner=("ReplicaSet", "web-7f"),
-            uid="uid-web",
-            labels={"app": "web"},
-        )
-    )
+    web = decode_pod(pod("web-7f-x", "shop", "198.18.0.2", owner=("ReplicaSet", "web-7f"),
+                         uid="uid-web", labels={"app": "web"}))
     db = decode_pod(pod("db-0", "shop", "198.18.0.3", owner=("StatefulSet", "db"), uid="uid-db"))
     for kind, record in (
         ("replicasets", decode_owned(replica_set("web-7f", "shop", "web"))),
         ("pods", web),
         ("pods", db),
         ("services", decode_service(service("db", "shop", "198.19.0.10", [27017]))),
-        (
-            "endpointslices",
-            decode_endpoint_slice(endpoint_slice("db-a", "shop", "db", ["198.18.0.3"], [27017])),
-        ),
+        ("endpointslices", decode_endpoint_slice(
+            endpoint_slice("db-a", "shop", "db", ["198.18.0.3"], [27017]))),
     ):
         cache.upsert(kind, record)
-    nat = FakeNat(
-        [
-            (
-                ("198.18.0.2", 40000),
-                ("198.19.0.10", 27017),
-                ("198.18.0.3", 27017),
-                ("198.18.0.2", 40000),
-            )
-        ]
-    )
+    nat = FakeNat([(("198.18.0.2", 40000), ("198.19.0.10", 27017), ("198.18.0.3", 27017),
+                    ("198.18.0.2", 40000))])
 
     class Netns:
         def pod_uid_of_netns(self, inode):

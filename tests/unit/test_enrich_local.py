@@ -26,25 +26,11 @@ def enricher(processes: dict[int, str] | None = None) -> LocalEnricher:
     return LocalEnricher(table.get)
 
 
-def socket_sample(
-    local: tuple[str, int],
-    remote: tuple[str, int],
-    role: Role,
-    *,
-    pid: int = 0,
-    comm: str = "",
-    socket_id: int = 1,
-) -> SocketSample:
+def socket_sample(local: tuple[str, int], remote: tuple[str, int], role: Role, *,
+                  pid: int = 0, comm: str = "", socket_id: int = 1) -> SocketSample:
     return SocketSample(
-        socket_id=socket_id,
-        sent_bytes=0,
-        received_bytes=0,
-        local=Endpoint(*local),
-        remote=Endpoint(*remote),
-        role=role,
-        flags=SocketFlag.OPENED,
-        pid=pid,
-        comm=comm,
+        socket_id=socket_id, sent_bytes=0, received_bytes=0, local=Endpoint(*local),
+        remote=Endpoint(*remote), role=role, flags=SocketFlag.OPENED, pid=pid, comm=comm,
     )
 
 
@@ -72,9 +58,8 @@ def test_server_for_a_remote_client() -> None:
 
 def test_both_ends_on_this_host_are_named_after_their_processes() -> None:
     client = socket_sample(("127.0.0.1", 5000), ("127.0.0.1", 8080), Role.CLIENT, pid=42)
-    server = socket_sample(
-        ("127.0.0.1", 8080), ("127.0.0.1", 5000), Role.SERVER, pid=43, socket_id=2
-    )
+    server = socket_sample(("127.0.0.1", 8080), ("127.0.0.1", 5000), Role.SERVER, pid=43,
+                           socket_id=2)
     peers = PeersOf({1: server, 2: client})
     from_client = enricher().attributes(client, peers, final=False)
     from_server = enricher().attributes(server, peers, final=False)
@@ -82,13 +67,13 @@ def test_both_ends_on_this_host_are_named_after_their_processes() -> None:
     assert (from_client.source.workload, from_client.destination.workload) == ("curl", "nginx")
     assert (from_server.source.workload, from_server.destination.workload) == ("curl", "nginx")
     assert from_client.service.host == from_server.service.host == "127.0.0.1:8080"
-    assert (from_client.reporter, from_server.reporter) == (Reporter.SOURCE, Reporter.DESTINATION)
+    assert (from_client.reporter, from_server.reporter) == (Reporter.SOURCE,
+                                                            Reporter.DESTINATION)
 
 
 def test_process_gone_falls_back_on_the_kernel_task_name() -> None:
-    sample = socket_sample(
-        ("198.18.0.1", 40001), ("198.18.0.2", 80), Role.CLIENT, pid=999, comm="wget"
-    )
+    sample = socket_sample(("198.18.0.1", 40001), ("198.18.0.2", 80), Role.CLIENT, pid=999,
+                           comm="wget")
     attributes = enricher().attributes(sample, NoPeers(), final=False)
     assert attributes is not None and attributes.source.workload == "wget"
 
@@ -99,8 +84,7 @@ def test_unknown_owner_is_held_back_until_final() -> None:
     attributes = enricher().attributes(sample, NoPeers(), final=True)
     assert attributes is not None
     assert (attributes.source.workload, attributes.destination.workload) == (
-        "unknown",
-        "198.18.0.2",
+        "unknown", "198.18.0.2"
     )
 
 
@@ -120,9 +104,8 @@ def test_loopback_peer_not_seen_yet_is_waited_for(loopback: str) -> None:
 
 def test_peer_without_an_owner_is_waited_for_then_named_by_address() -> None:
     client = socket_sample(("127.0.0.1", 5000), ("127.0.0.1", 8080), Role.CLIENT, pid=42)
-    server = socket_sample(
-        ("127.0.0.1", 8080), ("127.0.0.1", 5000), Role.SERVER, pid=0, socket_id=2
-    )
+    server = socket_sample(("127.0.0.1", 8080), ("127.0.0.1", 5000), Role.SERVER, pid=0,
+                           socket_id=2)
     peers = PeersOf({1: server})
     assert enricher().attributes(client, peers, final=False) is None
     attributes = enricher().attributes(client, peers, final=True)
@@ -134,9 +117,8 @@ def test_ipv6_service_address_is_bracketed() -> None:
     attributes = enricher().attributes(sample, NoPeers(), final=False)
     assert attributes is not None
     assert attributes.service.host == "[2001:db8::2]:443"
-    assert attributes.destination == PeerIdentity(
-        workload="2001:db8::2", ip="2001:db8::2", port=443
-    )
+    assert attributes.destination == PeerIdentity(workload="2001:db8::2", ip="2001:db8::2",
+                                                  port=443)
 
 
 def test_local_mode_labels_of_the_builtin_metrics() -> None:

@@ -99,12 +99,8 @@ def test_encode_text_exact_output() -> None:
         SENT,
         MONGO,
         self_metrics=[
-            SelfMetric(
-                "tcpacct_backend_info",
-                "Kernel hooks in use.",
-                "gauge",
-                [({"backend": "tracepoint"}, 1)],
-            ),
+            SelfMetric("tcpacct_backend_info", "Kernel hooks in use.", "gauge",
+                       [({"backend": "tracepoint"}, 1)]),
             SelfMetric("tcpacct_polls_total", "Polls.", "counter", [({}, 3)]),
         ],
     )
@@ -130,19 +126,19 @@ def test_encode_text_exact_output() -> None:
 
 def test_encode_text_escapes_label_values_and_prometheus_reads_them_back() -> None:
     awkward = 'we"ird\\na\nme żółw'
-    family = FamilySnapshot(
-        "istio_tcp_received_bytes_total",
-        'help with "quotes"\nand more',
-        ("source_workload",),
-        {(awkward,): 42},
-    )
+    family = FamilySnapshot("istio_tcp_received_bytes_total", 'help with "quotes"\nand more',
+                            ("source_workload",), {(awkward,): 42})
     text = encode_text(registry_of(family)).decode()
-    assert 'istio_tcp_received_bytes_total{source_workload="we\\"ird\\\\na\\nme żółw"} 42\n' in text
-    assert '# HELP istio_tcp_received_bytes_total help with "quotes"\\nand more\n' in text
+    assert (
+        'istio_tcp_received_bytes_total{source_workload="we\\"ird\\\\na\\nme żółw"} 42\n' in text
+    )
+    assert "# HELP istio_tcp_received_bytes_total help with \"quotes\"\\nand more\n" in text
     parsed = list(text_string_to_metric_families(text))
     assert len(parsed) == 1
     assert parsed[0].documentation == 'help with "quotes"\nand more'
-    assert [(s.labels, s.value) for s in parsed[0].samples] == [({"source_workload": awkward}, 42)]
+    assert [(s.labels, s.value) for s in parsed[0].samples] == [
+        ({"source_workload": awkward}, 42)
+    ]
 
 
 def test_output_is_utf8() -> None:
@@ -156,14 +152,10 @@ def test_encode_text_is_valid_for_the_prometheus_parser() -> None:
     # the parser names counter families without "_total"; the samples keep the exposed name
     assert sorted(parsed) == ["istio_mongo_received_bytes", "istio_tcp_sent_bytes"]
     assert parsed["istio_tcp_sent_bytes"].type == "counter"
-    assert sorted(
-        (s.name, tuple(s.labels.items()), s.value) for s in parsed["istio_tcp_sent_bytes"].samples
-    ) == [
-        (
-            "istio_tcp_sent_bytes_total",
-            (("reporter", "destination"), ("source_workload", "nginx")),
-            2**53 + 1,
-        ),
+    assert sorted((s.name, tuple(s.labels.items()), s.value)
+                  for s in parsed["istio_tcp_sent_bytes"].samples) == [
+        ("istio_tcp_sent_bytes_total", (("reporter", "destination"),
+                                        ("source_workload", "nginx")), 2**53 + 1),
         ("istio_tcp_sent_bytes_total", (("reporter", "source"), ("source_workload", "curl")), 7),
     ]
     assert parsed["istio_mongo_received_bytes"].type == "counter"
@@ -177,9 +169,8 @@ def test_names_are_exposed_exactly_in_help_type_and_sample_lines() -> None:
 
 
 def test_family_without_samples_still_has_help_and_type() -> None:
-    family = FamilySnapshot(
-        "istio_tcp_connections_closed_total", "TCP connections closed.", ("reporter",), {}
-    )
+    family = FamilySnapshot("istio_tcp_connections_closed_total", "TCP connections closed.",
+                            ("reporter",), {})
     assert encode_text(registry_of(family)).decode() == (
         "# HELP istio_tcp_connections_closed_total TCP connections closed.\n"
         "# TYPE istio_tcp_connections_closed_total counter\n"

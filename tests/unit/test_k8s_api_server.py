@@ -81,13 +81,11 @@ def test_expired_history_is_410_for_watch_and_continue(api) -> None:
     server.apply(pod("d", "ns1", None))
     server.expire_history()
     with pytest.raises(ApiException) as gone:
-        list(
-            watch.Watch().stream(
-                core.list_pod_for_all_namespaces,
-                resource_version=page.metadata.resource_version,
-                timeout_seconds=5,
-            )
-        )
+        list(watch.Watch().stream(
+            core.list_pod_for_all_namespaces,
+            resource_version=page.metadata.resource_version,
+            timeout_seconds=5,
+        ))
     assert gone.value.status == 410
     with pytest.raises(ApiException) as expired:
         core.list_pod_for_all_namespaces(limit=1, _continue=page.metadata._continue)

@@ -109,11 +109,7 @@ def test_list_gives_identities_with_istio_rules(started: KubernetesCache) -> Non
     stats = started.stats()
     assert stats.synced is True
     assert stats.objects == {
-        "pods": 2,
-        "services": 1,
-        "endpointslices": 1,
-        "replicasets": 1,
-        "jobs": 1,
+        "pods": 2, "services": 1, "endpointslices": 1, "replicasets": 1, "jobs": 1
     }
     assert stats.lookup_misses == {"service_by_cluster_ip": 1, "service_by_endpoint": 1}
     assert stats.api_errors == dict.fromkeys(stats.objects, 0)

@@ -76,23 +76,16 @@ def test_owned_record_in_another_namespace_is_not_used() -> None:
             "1.2",
         ),
         (
-            {
-                "app": "a",
-                "app.kubernetes.io/name": "b",
-                "version": "v1",
-                "app.kubernetes.io/version": "2",
-            },
+            {"app": "a", "app.kubernetes.io/name": "b", "version": "v1",
+             "app.kubernetes.io/version": "2"},
             "a",
             "v1",
             "b",  # canonical name prefers app.kubernetes.io/name, as Istio does
             "2",
         ),
         (
-            {
-                "app": "a",
-                "service.istio.io/canonical-name": "c",
-                "service.istio.io/canonical-revision": "r",
-            },
+            {"app": "a", "service.istio.io/canonical-name": "c",
+             "service.istio.io/canonical-revision": "r"},
             "a",
             "unknown",
             "c",

@@ -118,13 +118,8 @@ def test_five_thousand_pods_stay_small() -> None:
                 f"web-5d8f9c7b4-{index:05d}",
                 "production",
                 f"198.18.{index // 250}.{index % 250}",
-                labels={
-                    "app": "web",
-                    "version": "v1",
-                    "pod-template-hash": "5d8f9c7b4",
-                    "team": "payments",
-                    "tier": "frontend",
-                },
+                labels={"app": "web", "version": "v1", "pod-template-hash": "5d8f9c7b4",
+                        "team": "payments", "tier": "frontend"},
                 owner=("ReplicaSet", "web-5d8f9c7b4"),
                 service_account="web",
             )

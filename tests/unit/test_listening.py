@@ -46,27 +46,12 @@ TCP = TCP_HEADER + "".join(
 )
 TCP6 = TCP6_HEADER + "".join(
     [
-        tcp_row(
-            0,
-            "00000000000000000000000000000000:24CD",
-            "00000000000000000000000000000000:0000",
-            "0A",
-            45678,
-        ),  # [::]:9421
-        tcp_row(
-            1,
-            "00000000000000000000000001000000:0016",
-            "00000000000000000000000000000000:0000",
-            "0A",
-            45679,
-        ),  # [::1]:22
-        tcp_row(
-            2,
-            "00000000000000000000000001000000:818C",
-            "00000000000000000000000001000000:AB95",
-            "06",
-            0,
-        ),
+        tcp_row(0, "00000000000000000000000000000000:24CD",
+                "00000000000000000000000000000000:0000", "0A", 45678),  # [::]:9421
+        tcp_row(1, "00000000000000000000000001000000:0016",
+                "00000000000000000000000000000000:0000", "0A", 45679),  # [::1]:22
+        tcp_row(2, "00000000000000000000000001000000:818C",
+                "00000000000000000000000001000000:AB95", "06", 0),
     ]
 )
 
@@ -83,10 +68,8 @@ def test_parse_listeners_ipv6() -> None:
 
 
 def test_parse_listeners_docstring_example() -> None:
-    row = (
-        "  0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0"
-        "        0 12345 1 0000000000000000 100 0 0 10 0"
-    )
+    row = ("  0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0"
+           "        0 12345 1 0000000000000000 100 0 0 10 0")
     assert list(parse_listeners(TCP_HEADER + row)) == [(8080, 12345)]
 
 
@@ -110,16 +93,9 @@ def test_parse_listeners_of_this_machine_matches_its_listening_inodes() -> None:
 # -- a fixture /proc tree ------------------------------------------------------------------------
 
 
-def make_process(
-    proc: Path,
-    pid: int,
-    *,
-    comm: str | None,
-    netns: int | None,
-    sockets: tuple[int, ...] = (),
-    tables: tuple[str, str] | None = None,
-    other_fds: tuple[str, ...] = ("/dev/null", "pipe:[777]"),
-) -> None:
+def make_process(proc: Path, pid: int, *, comm: str | None, netns: int | None,
+                 sockets: tuple[int, ...] = (), tables: tuple[str, str] | None = None,
+                 other_fds: tuple[str, ...] = ("/dev/null", "pipe:[777]")) -> None:
     """``/proc/<pid>`` with ns/net, fd/*, comm and net/tcp{,6} as the kernel shows them."""
     root = proc / str(pid)
     (root / "ns").mkdir(parents=True)
@@ -143,21 +119,13 @@ def host_proc(tmp_path: Path) -> Path:
     proc = tmp_path / "proc"
     proc.mkdir()
     make_process(proc, 1, comm="systemd", netns=HOST_NETNS, tables=(TCP, TCP6))
-    make_process(
-        proc, 412, comm="sshd", netns=HOST_NETNS, sockets=(23456, 45679), tables=(TCP, TCP6)
-    )
-    make_process(
-        proc,
-        777,
-        comm="python3",
-        netns=HOST_NETNS,
-        sockets=(12345, 34567, 45678),
-        tables=(TCP, TCP6),
-    )
+    make_process(proc, 412, comm="sshd", netns=HOST_NETNS, sockets=(23456, 45679),
+                 tables=(TCP, TCP6))
+    make_process(proc, 777, comm="python3", netns=HOST_NETNS, sockets=(12345, 34567, 45678),
+                 tables=(TCP, TCP6))
     # a pod: its own network namespace and table
-    make_process(
-        proc, 5000, comm="pod-app", netns=POD_NETNS, sockets=(99999,), tables=(POD_TCP, TCP6_HEADER)
-    )
+    make_process(proc, 5000, comm="pod-app", netns=POD_NETNS, sockets=(99999,),
+                 tables=(POD_TCP, TCP6_HEADER))
     make_process(proc, 5001, comm="pod-sidecar", netns=POD_NETNS, tables=(POD_TCP, TCP6_HEADER))
     # entries that are not processes, or processes we cannot look into
     (proc / "self").symlink_to("777")
@@ -181,17 +149,9 @@ def test_listening_sockets_of_a_fixture_proc_tree(tmp_path: Path) -> None:
 def test_owner_without_a_comm_file_still_counts(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
     proc.mkdir()
-    make_process(
-        proc,
-        10,
-        comm=None,
-        netns=HOST_NETNS,
-        sockets=(12345,),
-        tables=(
-            TCP_HEADER + tcp_row(0, "00000000:0050", "00000000:0000", "0A", 12345),
-            TCP6_HEADER,
-        ),
-    )
+    make_process(proc, 10, comm=None, netns=HOST_NETNS, sockets=(12345,),
+                 tables=(TCP_HEADER + tcp_row(0, "00000000:0050", "00000000:0000", "0A", 12345),
+                         TCP6_HEADER))
     assert listening_sockets(proc) == [ListeningSocket(HOST_NETNS, 80, pid=10, comm="")]
 
 
@@ -211,9 +171,8 @@ def test_a_vanished_first_process_does_not_hide_its_namespace(tmp_path, monkeypa
     proc = tmp_path / "proc"
     proc.mkdir()
     make_process(proc, 10, comm="exiting", netns=POD_NETNS)  # net/ gone: it just exited
-    make_process(
-        proc, 11, comm="pod-app", netns=POD_NETNS, sockets=(99999,), tables=(POD_TCP, TCP6_HEADER)
-    )
+    make_process(proc, 11, comm="pod-app", netns=POD_NETNS, sockets=(99999,),
+                 tables=(POD_TCP, TCP6_HEADER))
     real_listdir = os.listdir
     monkeypatch.setattr(os, "listdir", lambda path: sorted(real_listdir(path)))  # 10 first
     assert listening_sockets(proc) == [ListeningSocket(POD_NETNS, 8080, 11, "pod-app")]

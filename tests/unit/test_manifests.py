@@ -103,10 +103,8 @@ def tcpacct_cli() -> Any:
     try:
         return importlib.import_module("agent.cli").main
     except ImportError as error:  # pragma: no cover - only while agent.cli is being written
-        pytest.fail(
-            f"agent.cli (click group `main` with command `run`) cannot be imported: "
-            f"{error}; the manifests' args cannot be checked without it"
-        )
+        pytest.fail(f"agent.cli (click group `main` with command `run`) cannot be imported: "
+                    f"{error}; the manifests' args cannot be checked without it")
 
 
 def mounts_by_volume() -> dict[str, dict[str, Any]]:
@@ -130,11 +128,8 @@ def test_kustomization_creates_exactly_these_objects() -> None:
         ("Service", "tcpacct"),
         ("ServiceAccount", "tcpacct"),
     ]
-    namespaced = [
-        obj
-        for obj in kustomized_objects()
-        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding")
-    ]
+    namespaced = [obj for obj in kustomized_objects()
+                  if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding")]
     assert {obj["metadata"]["namespace"] for obj in namespaced} == {"tcpacct"}
 
 
@@ -150,8 +145,7 @@ def test_schema_validation_rejects_a_misspelt_field() -> None:
     """The validation above can fail: a typo in the DaemonSet is refused in strict mode."""
     broken = copy.deepcopy(find("DaemonSet"))
     broken["spec"]["template"]["spec"]["containers"][0]["securityContext"][
-        "readOnlyRootFileSystem"
-    ] = True
+        "readOnlyRootFileSystem"] = True
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
@@ -164,27 +158,20 @@ def test_clusterrole_grants_only_reads_of_the_cached_resources() -> None:
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
                     granted.add((group, resource, verb))
-    expected = {
-        (group, resource, verb) for group, resource in CACHE_RESOURCES for verb in READ_VERBS
-    }
+    expected = {(group, resource, verb)
+                for group, resource in CACHE_RESOURCES for verb in READ_VERBS}
     assert granted == expected
 
 
 def test_clusterrolebinding_binds_the_role_to_the_pods_serviceaccount() -> None:
     binding = find("ClusterRoleBinding")
     account = find("ServiceAccount")
-    assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "ClusterRole",
-        "name": find("ClusterRole")["metadata"]["name"],
-    }
-    assert binding["subjects"] == [
-        {
-            "kind": "ServiceAccount",
-            "name": account["metadata"]["name"],
-            "namespace": account["metadata"]["namespace"],
-        }
-    ]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole",
+                                  "name": find("ClusterRole")["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount",
+                                    "name": account["metadata"]["name"],
+                                    "namespace": account["metadata"]["namespace"]}]
     assert pod_spec()["serviceAccountName"] == account["metadata"]["name"]
 
 
@@ -241,18 +228,12 @@ def test_writable_paths_are_empty_dirs() -> None:
 
     cache_default = inspect.signature(choose_headers).parameters["cache_dir"].default
     volumes = {volume["name"]: volume for volume in pod_spec()["volumes"]}
-    writable = {
-        mount["mountPath"]
-        for name, mount in mounts_by_volume().items()
-        if "emptyDir" in volumes[name]
-    }
+    writable = {mount["mountPath"] for name, mount in mounts_by_volume().items()
+                if "emptyDir" in volumes[name]}
     assert writable == {"/tmp", "/var/cache/tcpacct"}
     assert Path("/var/cache/tcpacct") in Path(cache_default).parents
-    assert not any(
-        mount.get("readOnly")
-        for name, mount in mounts_by_volume().items()
-        if "emptyDir" in volumes[name]
-    )
+    assert not any(mount.get("readOnly") for name, mount in mounts_by_volume().items()
+                   if "emptyDir" in volumes[name])
 
 
 def test_args_name_only_options_of_tcpacct_run() -> None:
@@ -260,7 +241,8 @@ def test_args_name_only_options_of_tcpacct_run() -> None:
     args = agent_container()["args"]
     assert args[0] == "run"
     run = main.commands["run"]
-    options = {opt: param for param in run.params for opt in (*param.opts, *param.secondary_opts)}
+    options = {opt: param for param in run.params
+               for opt in (*param.opts, *param.secondary_opts)}
     for arg in args[1:]:
         name, has_value, _ = arg.partition("=")
         assert name in options, f"{arg}: `tcpacct run` has no option {name}"
@@ -286,9 +268,8 @@ def test_args_point_at_the_mounts() -> None:
     values = arg_values(agent_container()["args"])
     assert values["--proc-root"] == HOST_MOUNTS["/proc"]
     assert values["--cgroup-root"] == HOST_MOUNTS["/sys/fs/cgroup"]
-    btf_default = next(
-        p.default for p in tcpacct_cli().commands["run"].params if p.name == "btf_path"
-    )
+    btf_default = next(p.default for p in tcpacct_cli().commands["run"].params
+                       if p.name == "btf_path")
     assert Path(HOST_MOUNTS["/sys/kernel/btf"]) in Path(btf_default).parents
     config = Path(values["--config"])
     assert str(config.parent) == mounts_by_volume()["metrics-config"]["mountPath"]
@@ -317,11 +298,9 @@ def test_port_probes_and_scrape_annotations_agree_with_the_agent() -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
     annotations = find("DaemonSet")["spec"]["template"]["metadata"]["annotations"]
-    assert annotations == {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(listen_port()),
-        "prometheus.io/path": "/metrics",
-    }
+    assert annotations == {"prometheus.io/scrape": "true",
+                           "prometheus.io/port": str(listen_port()),
+                           "prometheus.io/path": "/metrics"}
 
 
 def test_service_is_headless_and_selects_the_agent_pods() -> None:
@@ -329,14 +308,8 @@ def test_service_is_headless_and_selects_the_agent_pods() -> None:
     pod_labels = find("DaemonSet")["spec"]["template"]["metadata"]["labels"]
     assert spec["clusterIP"] == "None"
     assert spec["selector"].items() <= pod_labels.items()
-    assert spec["ports"] == [
-        {
-            "name": "http-metrics",
-            "port": listen_port(),
-            "targetPort": "http-metrics",
-            "protocol": "TCP",
-        }
-    ]
+    assert spec["ports"] == [{"name": "http-metrics", "port": listen_port(),
+                              "targetPort": "http-metrics", "protocol": "TCP"}]
     selector = find("DaemonSet")["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
 
@@ -348,8 +321,7 @@ def test_podmonitor_scrapes_the_named_port_of_the_agent_pods() -> None:
     pod_labels = find("DaemonSet")["spec"]["template"]["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert monitor["spec"]["podMetricsEndpoints"] == [
-        {"port": "http-metrics", "path": "/metrics", "interval": "10s"}
-    ]
+        {"port": "http-metrics", "path": "/metrics", "interval": "10s"}]
 
 
 _QUANTITY = re.compile(r"^(\d+)(m|Mi|Gi)?$")
@@ -366,8 +338,7 @@ def test_resources_have_requests_below_limits() -> None:
     resources = agent_container()["resources"]
     for resource in ("cpu", "memory"):
         assert quantity(resources["requests"][resource]) <= quantity(
-            resources["limits"][resource]
-        ), resource
+            resources["limits"][resource]), resource
     # bcc's in-process compile peaks at ~210 MiB RSS (docs/deploy.md); 200Mi would OOM.
     assert quantity(resources["limits"]["memory"]) >= 400 * 2**20
 
@@ -385,7 +356,8 @@ def test_configmap_metrics_pass_tcpacct_config_validate(tmp_path: Path) -> None:
     path.write_text(metrics)
     result = CliRunner().invoke(tcpacct_cli(), ["config", "validate", str(path)])
     assert result.exit_code == 0, result.output
-    assert [m["name"] for m in yaml.safe_load(metrics)["metrics"]] == ["istio_mongo_received_bytes"]
+    assert [m["name"] for m in yaml.safe_load(metrics)["metrics"]] == [
+        "istio_mongo_received_bytes"]
 
 
 def test_config_validate_refuses_a_broken_copy_of_the_configmap(tmp_path: Path) -> None:
@@ -402,13 +374,8 @@ def test_config_validate_refuses_a_broken_copy_of_the_configmap(tmp_path: Path) 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kubectl_kustomize_renders_the_same_objects() -> None:
     """When kubectl is at hand, its kustomize build equals the files read above."""
-    rendered = subprocess.run(
-        ["kubectl", "kustomize", str(DAEMONSET_DIR)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    rendered = subprocess.run(["kubectl", "kustomize", str(DAEMONSET_DIR)], check=True,
+                              capture_output=True, text=True, timeout=60).stdout
 
     def key(obj: dict[str, Any]) -> tuple[str, str]:
         return obj["kind"], obj["metadata"]["name"]

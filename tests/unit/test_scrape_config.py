@@ -53,8 +53,7 @@ def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, st
     for rule in rules:
         action = rule.get("action", "replace")
         value = rule.get("separator", ";").join(
-            labels.get(name, "") for name in rule.get("source_labels", [])
-        )
+            labels.get(name, "") for name in rule.get("source_labels", []))
         match = re.fullmatch(rule.get("regex", "(.*)"), value)
         if (action == "keep" and match is None) or (action == "drop" and match is not None):
             return None
@@ -88,21 +87,16 @@ def discovered(pod_ip: str, annotations: dict[str, str], port: int = 9437) -> di
     ("pod_ip", "address"),
     [("198.18.0.10", "198.18.0.10:9437"), ("2001:db8::10", "[2001:db8::10]:9437")],
 )
-def test_pod_job_scrapes_the_daemonset_pods_on_their_annotated_port(
-    pod_ip: str, address: str
-) -> None:
+def test_pod_job_scrapes_the_daemonset_pods_on_their_annotated_port(pod_ip: str,
+                                                                    address: str) -> None:
     annotations = daemonset_pod()["metadata"]["annotations"]
-    target = relabel(
-        discovered(pod_ip, annotations, port=8080), job("kubernetes-pods")["relabel_configs"]
-    )
+    target = relabel(discovered(pod_ip, annotations, port=8080),
+                     job("kubernetes-pods")["relabel_configs"])
     assert target is not None
     assert target["__address__"] == address
     assert target["__metrics_path__"] == "/metrics"
-    assert (target["namespace"], target["pod"], target["node"]) == (
-        "tcpacct",
-        "tcpacct-x7k2p",
-        "node-a",
-    )
+    assert (target["namespace"], target["pod"], target["node"]) == ("tcpacct", "tcpacct-x7k2p",
+                                                                    "node-a")
 
 
 def test_pod_job_ignores_pods_without_the_annotation_and_pods_not_running() -> None:
@@ -131,9 +125,8 @@ def promtool_check(path: Path) -> subprocess.CompletedProcess[str]:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool not found: it comes with Debian's prometheus (make setup)")
-    return subprocess.run(
-        [promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([promtool, "check", "config", str(path)], capture_output=True,
+                          text=True, timeout=60)
 
 
 def test_promtool_accepts_the_config_with_discovery_made_static(tmp_path: Path) -> None:

@@ -15,13 +15,8 @@ from pathlib import Path
 
 AGENT = Path(__file__).resolve().parents[2] / "agent"
 PROCESS_STARTERS = {
-    ("subprocess", None),
-    ("os", "system"),
-    ("os", "popen"),
-    ("os", "execv"),
-    ("os", "execvp"),
-    ("os", "spawnv"),
-    ("pty", "spawn"),
+    ("subprocess", None), ("os", "system"), ("os", "popen"), ("os", "execv"),
+    ("os", "execvp"), ("os", "spawnv"), ("pty", "spawn"),
 }
 # Files the agent writes on purpose: its own cache of merged kernel headers (symlinks) and
 # its compile cache (agent/ebpf/compiled.py, through a temporary file and a rename).
@@ -84,11 +79,8 @@ def test_files_are_opened_read_only() -> None:
                 found.append((name, node.lineno, called))
             if called == "open":
                 modes = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)]
-                modes += [
-                    k.value.value
-                    for k in node.keywords
-                    if k.arg == "mode" and isinstance(k.value, ast.Constant)
-                ]
+                modes += [k.value.value for k in node.keywords
+                          if k.arg == "mode" and isinstance(k.value, ast.Constant)]
                 if isinstance(func, ast.Attribute) and node.args[:1]:  # Path.open(mode)
                     modes = [a.value for a in node.args[:1] if isinstance(a, ast.Constant)]
                 if any(set(str(m)) & set("wax+") for m in modes):

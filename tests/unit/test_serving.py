@@ -35,9 +35,8 @@ METRICS_BODY = (
 
 class OneFamily:
     def families(self) -> list[FamilySnapshot]:
-        return [
-            FamilySnapshot("istio_tcp_sent_bytes_total", "Sent.", ("reporter",), {("source",): 42})
-        ]
+        return [FamilySnapshot("istio_tcp_sent_bytes_total", "Sent.", ("reporter",),
+                               {("source",): 42})]
 
 
 class Broken:
@@ -68,9 +67,8 @@ def serve(security: EndpointSecurity | None = None, source=None) -> Running:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TcpacctCollector(source or OneFamily()))
     live, ready = Probe(Health(True, "ok")), Probe(Health(False, "starting"))
-    server = MetricsServer(
-        "127.0.0.1", 0, registry, live=live, ready=ready, security=security or EndpointSecurity()
-    )
+    server = MetricsServer("127.0.0.1", 0, registry, live=live, ready=ready,
+                           security=security or EndpointSecurity())
     server.start()
     return Running(server, live, ready)
 
@@ -107,18 +105,13 @@ def running(servers: dict[str, Running]) -> Iterator[Running]:
     r.live.health, r.ready.health = Health(True, "ok"), Health(False, "starting")
 
 
-def get(
-    port: int,
-    path: str,
-    headers: dict[str, str] | None = None,
-    context: ssl.SSLContext | None = None,
-) -> tuple[int, dict[str, str], bytes]:
+def get(port: int, path: str, headers: dict[str, str] | None = None,
+        context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
     if context is None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT)
     else:
-        connection = http.client.HTTPSConnection(
-            "127.0.0.1", port, timeout=CLIENT_TIMEOUT, context=context
-        )
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT,
+                                                 context=context)
     try:
         connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
@@ -209,14 +202,11 @@ def test_basic_auth_over_http(servers: dict[str, Running]) -> None:
     port = servers["basic"].port
     status, headers, body = get(port, "/metrics")
     assert (status, headers["WWW-Authenticate"], body) == (
-        401,
-        'Basic realm="tcpacct"',
-        b"unauthorized\n",
+        401, 'Basic realm="tcpacct"', b"unauthorized\n"
     )
     assert get(port, "/metrics", {"Authorization": basic("prom", "nope")})[0] == 401
     assert get(port, "/metrics", {"Authorization": basic("prom", "s3cret")})[::2] == (
-        200,
-        METRICS_BODY,
+        200, METRICS_BODY
     )
     assert get(port, "/healthz")[0] == 200  # probes stay open
     assert get(port, "/readyz")[0] == 503

@@ -44,14 +44,10 @@ def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
         ("0.0.0.0:-1", "--listen '0.0.0.0:-1': expected HOST:PORT, e.g. 0.0.0.0:9437"),
         ("0.0.0.0:0", "--listen '0.0.0.0:0': port must be 1-65535"),
         ("0.0.0.0:65536", "--listen '0.0.0.0:65536': port must be 1-65535"),
-        (
-            "example.com:80",
-            "--listen 'example.com:80': 'example.com' is not an IP address (or localhost)",
-        ),
-        (
-            "300.1.1.1:80",
-            "--listen '300.1.1.1:80': '300.1.1.1' is not an IP address (or localhost)",
-        ),
+        ("example.com:80", "--listen 'example.com:80': 'example.com' is not an IP address "
+                           "(or localhost)"),
+        ("300.1.1.1:80", "--listen '300.1.1.1:80': '300.1.1.1' is not an IP address "
+                         "(or localhost)"),
     ],
 )
 def test_parse_listen_refuses(text: str, message: str) -> None:
@@ -164,17 +160,15 @@ def test_settings_repr_hides_secrets() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (
-            {"backend": "uprobe"},
-            "--backend 'uprobe': choose one of auto, tracepoint, fentry, kprobe",
-        ),
+        ({"backend": "uprobe"}, "--backend 'uprobe': choose one of auto, tracepoint, fentry, "
+                                "kprobe"),
         ({"log_level": "trace"}, "--log-level 'trace': one of debug, info, warning, error"),
-        ({"tls_cert": Path("c.pem")}, "--tls-cert and --tls-key go together: give both or neither"),
-        ({"tls_key": Path("k.pem")}, "--tls-cert and --tls-key go together: give both or neither"),
-        (
-            {"basic_auth": ("u", "p"), "bearer_token": "t"},
-            "choose one of --basic-auth and --bearer-token, not both",
-        ),
+        ({"tls_cert": Path("c.pem")}, "--tls-cert and --tls-key go together: give both or "
+                                      "neither"),
+        ({"tls_key": Path("k.pem")}, "--tls-cert and --tls-key go together: give both or "
+                                     "neither"),
+        ({"basic_auth": ("u", "p"), "bearer_token": "t"},
+         "choose one of --basic-auth and --bearer-token, not both"),
     ],
 )
 def test_settings_refuse_inconsistent_values(kwargs: dict, message: str) -> None:
