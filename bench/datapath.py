@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,6 +256,16 @@ def _accuracy_figure(key: str, title: str, checks: list[list[dict[str, Any]]]) -
 EMPTY_PROGRAM = "int on_any(struct bpf_raw_tracepoint_args *ctx) { return 0; }"
 
 
+def rotating(modes: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, mode) for ``rounds`` rounds of every mode, each round starting one mode
+    later, so no mode always runs first: ``rotating("abc", 2)`` -> (0, a) (0, b) (0, c)
+    (1, b) (1, c) (1, a)."""
+    for number in range(rounds):
+        start = number % len(modes)
+        for mode in (*modes[start:], *modes[:start]):
+            yield number, mode
+
+
 def measure_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
     """The TCP send+recv loop in rotating triplets of rounds: nothing attached, an empty
     raw-tracepoint program on the same two tracepoints, and tcpacct. The empty program is
@@ -270,23 +280,21 @@ def measure_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure
     tracepoints = ("sock_send_length", "sock_recv_length")
     bpf = BPF(text=EMPTY_PROGRAM)
     values: dict[str, list[float]] = {"off": [], "empty": [], "agent": []}
-    order = ["off", "empty", "agent"]
     try:
         _off(probe)
-        for triplet in range(plan.pairs):
-            for mode in order[triplet % 3 :] + order[: triplet % 3]:
-                if mode == "empty":
-                    for tracepoint in tracepoints:
-                        bpf.attach_raw_tracepoint(tp=tracepoint, fn_name="on_any")
-                elif mode == "agent":
-                    _on(probe)
-                moved = send_recv(plan.send_recv_calls, LOOP_CPU, plan.loop_blocks)
-                values[mode].append(moved.fastest_ns_per_call)
-                if mode == "empty":
-                    for tracepoint in tracepoints:
-                        bpf.detach_raw_tracepoint(tp=tracepoint)
-                elif mode == "agent":
-                    _off(probe)
+        for _, mode in rotating(tuple(values), plan.pairs):
+            if mode == "empty":
+                for tracepoint in tracepoints:
+                    bpf.attach_raw_tracepoint(tp=tracepoint, fn_name="on_any")
+            elif mode == "agent":
+                _on(probe)
+            moved = send_recv(plan.send_recv_calls, LOOP_CPU, plan.loop_blocks)
+            values[mode].append(moved.fastest_ns_per_call)
+            if mode == "empty":
+                for tracepoint in tracepoints:
+                    bpf.detach_raw_tracepoint(tp=tracepoint)
+            elif mode == "agent":
+                _off(probe)
     finally:
         bpf.cleanup()
         _on(probe)
@@ -318,16 +326,14 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
     hooks-only ratio is the kernel side's share of the churn overhead; the rest is the
     agent's user space (decoding, naming and accounting each finished socket)."""
     values: dict[str, list[float]] = {"off": [], "hooks": [], "agent": []}
-    order = ["off", "hooks", "agent"]
     try:
         _off(probe)
-        for triplet in range(plan.pairs):
-            for mode in order[triplet % 3 :] + order[: triplet % 3]:
-                if mode != "off":
-                    probe.request({"cmd": "attach", "accounting": mode == "agent"})
-                moved = churn(plan.churn_connections, MESSAGE, CLIENT_CPU, SERVER_CPU)
-                values[mode].append(moved.rate)
-                _off(probe)
+        for _, mode in rotating(tuple(values), plan.pairs):
+            if mode != "off":
+                probe.request({"cmd": "attach", "accounting": mode == "agent"})
+            moved = churn(plan.churn_connections, MESSAGE, CLIENT_CPU, SERVER_CPU)
+            values[mode].append(moved.rate)
+            _off(probe)
     finally:
         _on(probe)
     return Figure(
@@ -478,30 +484,28 @@ def measure_peer(probe: AgentProbe, plan: DatapathPlan, backend: str) -> list[Fi
     checks: list[dict[str, Any]] = []
     sized: list[dict[str, Any]] = []
     start_seconds: list[float] = []
-    orders = (("off", "tcplife", "agent"), ("agent", "off", "tcplife"), ("tcplife", "agent", "off"))
 
     def run() -> Moved:
         return churn(plan.peer_churn_connections, MESSAGE, CLIENT_CPU, SERVER_CPU)
 
-    for round_number in range(plan.peer_rounds):
-        for mode in orders[round_number % len(orders)]:
-            if mode == "tcplife":
-                _off(probe)
-                with TcpLife() as life:
-                    start_seconds.append(life.start_seconds)
-                    moved = run()
-                    time.sleep(1.0)  # let its perf buffer drain
-                    checks.append(_tcplife_checks(life, moved))
-                    if round_number == 0:
-                        sized = _tcplife_sized(life)
-            elif mode == "agent":
-                _on(probe)
+    for round_number, mode in rotating(tuple(values), plan.peer_rounds):
+        if mode == "tcplife":
+            _off(probe)
+            with TcpLife() as life:
+                start_seconds.append(life.start_seconds)
                 moved = run()
-            else:
-                _off(probe)
-                moved = run()
-            values[mode].append(moved.rate)
-        log.info("peer round %d: %s", round_number, {k: v[-1] for k, v in values.items()})
+                time.sleep(1.0)  # let its perf buffer drain
+                checks.append(_tcplife_checks(life, moved))
+                if round_number == 0:
+                    sized = _tcplife_sized(life)
+        elif mode == "agent":
+            _on(probe)
+            moved = run()
+        else:
+            _off(probe)
+            moved = run()
+        values[mode].append(moved.rate)
+        log.info("peer round %d, %s: %.4g/s", round_number, mode, moved.rate)
     _on(probe)
     method = (
         f"churn of {plan.peer_churn_connections} connections (as in figure 1) with nothing "

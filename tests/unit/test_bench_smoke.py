@@ -142,3 +142,14 @@ def test_tcplife_rows_and_lost_samples() -> None:
         (7, 80, 5000, 2, 0)
     ]
     assert lost_samples("Possibly lost 12 samples\nPossibly lost 3 samples\n") == 15
+
+
+def test_rotating_rounds_start_with_each_mode_in_turn() -> None:
+    from bench.datapath import rotating
+
+    rounds = list(rotating(("off", "hooks", "agent"), 3))
+    assert rounds == [
+        (0, "off"), (0, "hooks"), (0, "agent"),
+        (1, "hooks"), (1, "agent"), (1, "off"),
+        (2, "agent"), (2, "off"), (2, "hooks"),
+    ]  # fmt: skip
