@@ -280,6 +280,10 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
         }
         return 0;
     }
+    // FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, SYN_RECV change nothing here:
+    // no map lookup for the three or four of them every connection goes through.
+    if (newstate != TCP_SYN_SENT_ && newstate != TCP_ESTABLISHED_ && newstate != TCP_CLOSE_)
+        return 0;
 
     struct sock_info *entry = socks.lookup(&key);
     if (newstate == TCP_SYN_SENT_) { // connect(): process context
