@@ -235,7 +235,7 @@ class Accountant:
             # An incremental poll that follows the one this accountant saw last says what
             # entered and left live; otherwise the whole live set is compared.
             follows = poll.sequence > 0 and poll.sequence == self._last_sequence + 1
-            self._last_sequence = poll.sequence
+            self._last_sequence = -1  # until this poll is applied whole (see the end)
             gone: AbstractSet[int] | None = None
             if poll.changed is None:
                 todo: list[SocketSample] = list(poll.live)
@@ -273,6 +273,7 @@ class Accountant:
             self._fold_kernel_counters(poll)
             self._expire_idle_series()
             self._publish()
+            self._last_sequence = poll.sequence
 
     def _advance(self, sample: SocketSample, peers: _Peers, *, final: bool) -> None:
         sid = sample.socket_id
@@ -293,12 +294,13 @@ class Accountant:
             self._peers.remove(last)  # its tuple became known at ESTABLISHED
         tracked.last_seen = sample
         if tracked.series is None:
+            # held until named: if naming raises, the next poll asks again
+            self._held.add(sid)
             must_answer = final or tracked.waited >= self._max_wait
             attributes = self._enricher.attributes(sample, peers, final=must_answer)
             if attributes is None:
                 tracked.waited += 1  # cumulative counters: nothing is lost by waiting
                 if not final:
-                    self._held.add(sid)
                     return
                 attributes = self._enricher.attributes(sample, peers, final=True)
             if attributes is None:

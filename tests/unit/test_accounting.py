@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -463,6 +464,56 @@ def test_a_held_back_socket_is_asked_again_on_numbered_polls_without_changes() -
     accountant.apply(incremental(3, [one], []))  # waited enough: named with what it has
     assert totals(accountant, "fake_received_bytes_total") == {CLIENT_SERIES: 100}
     assert [call for call in enricher.calls if call[0] == 1][-1] == (1, True)
+
+
+def test_a_poll_that_failed_half_way_makes_the_next_one_compare_the_whole_live_set() -> None:
+    """A poll whose apply raised (here: the enricher, once) may not have taken every new
+    socket in: the next numbered poll is not trusted to list them again."""
+
+    class FailingOnce(FakeEnricher):
+        failed = False
+
+        def attributes(self, sample, peers, *, final):
+            if sample.socket_id == 2 and not self.failed:
+                self.failed = True
+                raise OSError("lookup failed")
+            return super().attributes(sample, peers, final=final)
+
+    accountant = fake_accountant(FailingOnce())
+    one, two = sample(1, sent=10), sample(2, sent=20)
+    accountant.apply(incremental(1, [one], [one]))
+    with pytest.raises(OSError, match="lookup failed"):
+        accountant.apply(incremental(2, [one, two], [two]))
+    accountant.apply(incremental(3, [one, two], []))  # socket 2 is not in changed again
+    assert totals(accountant, "fake_received_bytes_total") == {CLIENT_SERIES: 30}
+
+
+def test_a_finished_socket_whose_naming_failed_is_still_counted() -> None:
+    """Its final record came in the poll that failed: it is found absent by the next
+    (whole) comparison and counted from its last sample once declared gone."""
+
+    class FailingOnce(FakeEnricher):
+        failed = False
+
+        def attributes(self, sample, peers, *, final):
+            if sample.socket_id == 2 and not self.failed:
+                self.failed = True
+                raise OSError("lookup failed")
+            return super().attributes(sample, peers, final=final)
+
+    accountant = fake_accountant(FailingOnce())
+    one = sample(1, sent=10)
+    accountant.apply(incremental(1, [one], [one]))
+    finished = dataclasses.replace(
+        incremental(2, [one], []), finished=(sample(2, sent=20, flags=FINAL),)
+    )
+    with pytest.raises(OSError, match="lookup failed"):
+        accountant.apply(finished)
+    for sequence in (3, 4, 5):
+        accountant.apply(incremental(sequence, [one], []))
+    assert fake_totals(accountant)["received"] == {CLIENT_SERIES: 30}
+    assert fake_totals(accountant)["closed"] == {CLIENT_SERIES: 1}
+    assert accountant.stats().tracked_sockets == 1
 
 
 def test_untracked_bytes_are_unattributed() -> None:
