@@ -261,6 +261,7 @@ class KernelTracer:
         self._carried: set[int] = set()
         self._sequence = 0  # polls made (KernelPoll.sequence)
         self._gone: set[int] = set()  # ids a whole-map read no longer found
+        self._report_all = False  # after a failed poll: every live socket is "changed"
         self._decoder = SampleDecoder()
         self._drained: list[SocketSample] = []
         self._max_drained = 4 * capacities.closed
@@ -342,36 +343,53 @@ class KernelTracer:
 
     def poll(self) -> KernelPoll:
         """Counters, then live sockets, then sockets finished since the last poll (drained
-        now, plus what :meth:`drain` took out of the closed map meanwhile)."""
+        now, plus what :meth:`drain` took out of the closed map meanwhile).
+
+        A poll that fails half way may have consumed change marks and updated samples in
+        place without reporting them: the next one reads the whole map, reports every
+        live socket as changed, and carries a new number (so accounting compares all)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("tracer is closed")
-            sums = self._read_counters()
-            counters = decode_counters(sums)
-            lost, spilled = sums[C_CHANGES_LOST], counters.spilled_sockets
-            everything = (lost, spilled) != (self._seen_lost, self._seen_spilled)
-            self._seen_lost, self._seen_spilled = lost, spilled
-            self._next_round()
-            raw_keys, _ = self._changes.read(delete=True)
-            keys, self._carried = self._carried, set()
-            if everything:
-                changed = self._read_everything()
-            else:
-                keys.update(raw_keys.cast("B").cast("Q"))
-                changed = self._read_changed(keys)
-            finished = self._drained
-            finished.extend(self._decode_finished(self._finished.read(delete=True)[1]))
-            self._drained = []
-            samples = self._samples
-            gone = self._gone
-            for sample in finished:
-                samples.pop(sample.socket_id, None)
-                gone.discard(sample.socket_id)
-            self._gone = set()
-            self._sequence += 1
-            live = tuple(samples.values())
-            for reader in (self._changes, self._socks, self._finished):
-                reader.release()  # everything read is decoded into samples by now
+            try:
+                return self._poll()
+            except BaseException:
+                self._seen_lost = -1
+                self._report_all = True
+                self._sequence += 1
+                raise
+
+    def _poll(self) -> KernelPoll:
+        """One poll, with self._lock held."""
+        sums = self._read_counters()
+        counters = decode_counters(sums)
+        lost, spilled = sums[C_CHANGES_LOST], counters.spilled_sockets
+        everything = (lost, spilled) != (self._seen_lost, self._seen_spilled)
+        self._seen_lost, self._seen_spilled = lost, spilled
+        self._next_round()
+        raw_keys, _ = self._changes.read(delete=True)
+        keys, self._carried = self._carried, set()
+        if everything:
+            changed = self._read_everything()
+        else:
+            keys.update(raw_keys.cast("B").cast("Q"))
+            changed = self._read_changed(keys)
+        # finished records leave the kernel map here: kept in _drained until this poll
+        # has succeeded, so a failure below hands them to the next poll instead of losing them
+        self._drained.extend(self._decode_finished(self._finished.read(delete=True)[1]))
+        finished = self._drained
+        samples = self._samples
+        gone = self._gone
+        for sample in finished:
+            samples.pop(sample.socket_id, None)
+            gone.discard(sample.socket_id)
+        if self._report_all:
+            changed = list(samples.values())
+        live = tuple(samples.values())
+        for reader in (self._changes, self._socks, self._finished):
+            reader.release()  # everything read is decoded into samples by now
+        self._drained, self._gone, self._report_all = [], set(), False
+        self._sequence += 1
         # by_id is a read-only view of the reader's own table (no copy of 200k entries per
         # poll): it holds until the next poll, which is all accounting needs of it.
         return KernelPoll(
