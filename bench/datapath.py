@@ -400,18 +400,27 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
         )
     split = measure_churn_split(probe, plan, backend)
     figures.append(split)
-    for figure in figures:
-        if figure.key == f"datapath.churn_per_s.{backend}" and split.ratio:
-            figure.details["hooks_only_ratio"] = split.ratio.median
-            figure.details["agent_over_hooks"] = split.details["agent_over_hooks"]["median"]
+    if split.ratio:
+        _add_details(figures, f"datapath.churn_per_s.{backend}", {
+            "hooks_only_ratio": split.ratio.median,
+            "agent_over_hooks": split.details["agent_over_hooks"]["median"],
+        })  # fmt: skip
     if backend == "tracepoint":
         floor = measure_floor(probe, plan, backend)
         figures.append(floor)
-        for figure in figures:
-            if figure.key == f"datapath.send_recv_ns_per_call.{backend}" and floor.added:
-                figure.details["empty_program_added_ns"] = floor.added.median
-                figure.details["own_work_ns"] = floor.details["tcpacct_minus_empty_ns"]["median"]
+        if floor.added:
+            _add_details(figures, f"datapath.send_recv_ns_per_call.{backend}", {
+                "empty_program_added_ns": floor.added.median,
+                "own_work_ns": floor.details["tcpacct_minus_empty_ns"]["median"],
+            })  # fmt: skip
     return figures
+
+
+def _add_details(figures: list[Figure], key: str, details: dict[str, Any]) -> None:
+    """What another measurement says about the figure ``key`` (for its "why")."""
+    for figure in figures:
+        if figure.key == key:
+            figure.details.update(details)
 
 
 def _tcplife_checks(life: TcpLife, moved: Moved) -> dict[str, Any]:

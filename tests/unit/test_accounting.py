@@ -466,20 +466,25 @@ def test_a_held_back_socket_is_asked_again_on_numbered_polls_without_changes() -
     assert [call for call in enricher.calls if call[0] == 1][-1] == (1, True)
 
 
+@dataclass
+class FailingOnce(FakeEnricher):
+    """FakeEnricher whose first naming of socket ``fail_on`` raises."""
+
+    fail_on: int = 0
+    failed: bool = False
+
+    def attributes(self, sample: SocketSample, peers: PeerIndex, *, final: bool):
+        if sample.socket_id == self.fail_on and not self.failed:
+            self.failed = True
+            raise OSError("lookup failed")
+        return super().attributes(sample, peers, final=final)
+
+
 def test_a_poll_that_failed_half_way_makes_the_next_one_compare_the_whole_live_set() -> None:
     """A poll whose apply raised (here: the enricher, once) may not have taken every new
     socket in: the next numbered poll is not trusted to list them again."""
 
-    class FailingOnce(FakeEnricher):
-        failed = False
-
-        def attributes(self, sample, peers, *, final):
-            if sample.socket_id == 2 and not self.failed:
-                self.failed = True
-                raise OSError("lookup failed")
-            return super().attributes(sample, peers, final=final)
-
-    accountant = fake_accountant(FailingOnce())
+    accountant = fake_accountant(FailingOnce(fail_on=2))
     one, two = sample(1, sent=10), sample(2, sent=20)
     accountant.apply(incremental(1, [one], [one]))
     with pytest.raises(OSError, match="lookup failed"):
@@ -492,16 +497,7 @@ def test_a_finished_socket_whose_naming_failed_is_still_counted() -> None:
     """Its final record came in the poll that failed: it is found absent by the next
     (whole) comparison and counted from its last sample once declared gone."""
 
-    class FailingOnce(FakeEnricher):
-        failed = False
-
-        def attributes(self, sample, peers, *, final):
-            if sample.socket_id == 2 and not self.failed:
-                self.failed = True
-                raise OSError("lookup failed")
-            return super().attributes(sample, peers, final=final)
-
-    accountant = fake_accountant(FailingOnce())
+    accountant = fake_accountant(FailingOnce(fail_on=2))
     one = sample(1, sent=10)
     accountant.apply(incremental(1, [one], [one]))
     finished = dataclasses.replace(
