@@ -30,6 +30,7 @@ from agent.k8s.records import (
     parse_address,
 )
 from agent.k8s.watching import Backoff, ResourceKind, ResourceWatcher
+from agent.memo import BoundedMemo
 from agent.model import PeerIdentity, ServiceIdentity
 
 PODS, SERVICES, ENDPOINT_SLICES, REPLICA_SETS, JOBS = (
@@ -43,6 +44,9 @@ KINDS = (PODS, SERVICES, ENDPOINT_SLICES, REPLICA_SETS, JOBS)
 OWNED_KIND = {REPLICA_SETS: "ReplicaSet", JOBS: "Job"}
 DEFAULT_RULES = IdentityRules()
 DEFAULT_BACKOFF = Backoff()
+
+
+_UNPARSED = object()  # a _fold cache miss (None is a parse answer)
 
 
 @dataclass(slots=True)
@@ -127,6 +131,10 @@ class KubernetesCache:
         self._endpoints: dict[tuple[str, int], Counter[tuple[str, str]]] = {}
         self._owned: dict[tuple[str, str, str], OwnedRecord] = {}
         self._misses: Counter[str] = Counter()
+        self._folded: BoundedMemo[str, object] = BoundedMemo(65536)
+        self._identities: BoundedMemo[tuple[int, str, str], tuple[PodRecord, PeerIdentity]] = (
+            BoundedMemo(65536)
+        )
         if kinds is None and api_client is not None:
             kinds = resource_kinds(api_client)
         self._watchers = [
@@ -178,13 +186,13 @@ class KubernetesCache:
         pods held the address at ``at`` (the deletion of the old one not yet seen), the one
         that got it last wins.
         """
-        folded = parse_address(address)
+        folded = self._fold(address)
         with self._lock:
             pod = self._holder(folded, self._clock() if at is None else at) if folded else None
             if pod is None:
                 self._misses["pod_by_ip"] += 1
                 return None
-            return self.rules.peer(pod, self._workload(pod), folded or "")
+            return self._peer(pod, folded or "")
 
     def pod_by_uid(self, uid: str) -> PeerIdentity | None:
         """A live or recently deleted pod by its UID (as cgroup paths name it).
@@ -200,13 +208,13 @@ class KubernetesCache:
             if pod is None:
                 self._misses["pod_by_uid"] += 1
                 return None
-            return self.rules.peer(pod, self._workload(pod))
+            return self._peer(pod, "")
 
     def service_by_cluster_ip(
         self, address: str, port: int | None = None
     ) -> ServiceIdentity | None:
         """The Service whose ClusterIP is ``address`` (and which declares ``port``, if given)."""
-        folded = parse_address(address)
+        folded = self._fold(address)
         with self._lock:
             key = self._service_by_ip.get(folded) if folded else None
             service = self._services.get(key) if key else None
@@ -224,7 +232,7 @@ class KubernetesCache:
 
     def service_by_endpoint(self, address: str, port: int) -> ServiceIdentity | None:
         """The Service whose EndpointSlices list ``address:port`` (first by namespace/name)."""
-        folded = parse_address(address)
+        folded = self._fold(address)
         with self._lock:
             owners = self._endpoints.get((folded, port)) if folded else None
             if not owners:
@@ -238,7 +246,7 @@ class KubernetesCache:
         IPv6) and is no node's: an unknown address there is likely a pod the cache has not
         heard of yet."""
         try:
-            ip = ipaddress.ip_address(parse_address(address) or "")
+            ip = ipaddress.ip_address(self._fold(address) or "")
         except ValueError:
             return False
         prefix = 16 if ip.version == 4 else 64
@@ -247,7 +255,7 @@ class KubernetesCache:
             return network in self._pod_networks and str(ip) not in self._host_addresses
 
     def is_cluster_ip(self, address: str) -> bool:
-        folded = parse_address(address)
+        folded = self._fold(address)
         with self._lock:
             return folded in self._service_by_ip
 
@@ -343,6 +351,26 @@ class KubernetesCache:
         if kind == ENDPOINT_SLICES:
             return dict(self._slices)
         return {key: value for key, value in self._owned.items() if key[0] == OWNED_KIND[kind]}
+
+    def _fold(self, address: str) -> str | None:
+        """:func:`parse_address` for lookups, remembered: a node asks about few addresses,
+        many times (parsing one costs microseconds)."""
+        folded = self._folded.get(address, _UNPARSED)
+        if folded is _UNPARSED:
+            folded = self._folded.keep(address, parse_address(address))
+        return folded if isinstance(folded, str) else None
+
+    def _peer(self, pod: PodRecord, ip: str) -> PeerIdentity:
+        """The identity of a pod record at ``ip``, made once per record, workload and
+        address (an updated pod is a new record; a new owner, a new workload name)."""
+        workload = self._workload(pod)
+        key = (id(pod), workload, ip)
+        made = self._identities.get(key)
+        if made is not None and made[0] is pod:
+            return made[1]
+        identity = self.rules.peer(pod, workload, ip)
+        self._identities.keep(key, (pod, identity))  # keeps `pod` alive: its id stays unique
+        return identity
 
     def _workload(self, pod: PodRecord) -> str:
         return workload_name(pod, lambda kind, ns, name: self._owned.get((kind, ns, name)))
