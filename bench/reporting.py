@@ -113,10 +113,10 @@ def why(figure: Figure) -> str:
         )
     if "hooks_only_ratio" in d and "agent_over_hooks" in d:
         return (
-            f"the kernel hooks alone (maps emptied, nothing decoded) keep "
-            f"{d['hooks_only_ratio']:.3f} of agent-off; the agent's user space (decoding, "
-            f"naming and accounting every finished socket) takes the rest: agent / hooks-only "
-            f"{d['agent_over_hooks']:.3f}, from rotating triplets of rounds"
+            f"in rotating triplets of rounds, the kernel hooks alone (maps emptied, nothing "
+            f"decoded) keep {d['hooks_only_ratio']:.3f} of agent-off, and the whole agent "
+            f"{d['agent_over_hooks']:.3f} of hooks-only: the kernel side and the agent's user "
+            "space (decoding, naming and accounting every finished socket) both cost here"
         )
     if "rss_anon_mib" in d and "rss_file_mib" in d:
         anon, mapped = _first(d["rss_anon_mib"]), _first(d["rss_file_mib"])
