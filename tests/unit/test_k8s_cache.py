@@ -129,6 +129,21 @@ def test_watch_applies_additions_changes_and_deletions(server, started) -> None:
     assert started.stats().relists == dict.fromkeys(started.stats().objects, 0)
 
 
+def test_a_pods_identity_follows_its_owner_learned_later(server, started) -> None:
+    """Identities are remembered per pod record, workload name and address: a ReplicaSet
+    that arrives after its pod renames the pod's workload at the next lookup, and the
+    same pod at two addresses has two identities."""
+    server.apply(pod("api-7c9-x1", "shop", ["198.18.0.30", "2001:db8::30"],
+                     owner=("ReplicaSet", "api-7c9")))  # fmt: skip
+    wait_until(lambda: started.pod_by_ip("198.18.0.30") is not None)
+    before = started.pod_by_ip("198.18.0.30")
+    assert before.workload == "api-7c9"  # owner not known yet, no template-hash label
+    assert started.pod_by_ip("198.18.0.30") is before  # made once
+    assert started.pod_by_ip("2001:db8::30").ip == "2001:db8::30"
+    server.apply(replica_set("api-7c9", "shop", "api"))
+    wait_until(lambda: started.pod_by_ip("198.18.0.30").workload == "api")
+
+
 def test_bookmark_moves_the_resume_version(server, started) -> None:
     server.apply(service("other", "shop", "198.19.0.11", [27017]))  # bumps the global version
     version = server.resource_version
