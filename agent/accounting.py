@@ -236,7 +236,7 @@ class Accountant:
             # entered and left live; otherwise the whole live set is compared.
             follows = poll.sequence > 0 and poll.sequence == self._last_sequence + 1
             self._last_sequence = -1  # until this poll is applied whole (see the end)
-            gone: AbstractSet[int] | None = None
+            vanish_candidates: AbstractSet[int] | None = None  # None: any tracked socket
             if poll.changed is None:
                 todo: list[SocketSample] = list(poll.live)
                 live_ids: AbstractSet[int] = {sample.socket_id for sample in poll.live}
@@ -246,7 +246,7 @@ class Accountant:
                 # what changed, what this accountant has not seen yet, what waits for a name
                 if follows:  # every socket new to live is in changed
                     pending = {sid for sid in self._held if sid in by_id}
-                    gone = {*poll.gone, *self._missing}
+                    vanish_candidates = {*poll.gone, *self._missing}
                 else:
                     pending = (live_ids - self._tracked.keys()) | (self._held & live_ids)
                 pending -= {sample.socket_id for sample in poll.changed}
@@ -268,7 +268,7 @@ class Accountant:
                 self._advance(sample, peers, final=True)
             for sample in poll.finished:
                 peers.remove(sample)
-            self._notice_vanished(live_ids, finished_ids, gone)
+            self._notice_vanished(live_ids, finished_ids, vanish_candidates)
             self._add_moved()
             self._fold_kernel_counters(poll)
             self._expire_idle_series()
@@ -285,11 +285,7 @@ class Accountant:
         if (
             last is not None
             and last is not sample
-            and (last.local, last.remote)
-            != (
-                sample.local,
-                sample.remote,
-            )
+            and (last.local != sample.local or last.remote != sample.remote)
         ):
             self._peers.remove(last)  # its tuple became known at ESTABLISHED
         tracked.last_seen = sample

@@ -46,9 +46,6 @@ DEFAULT_RULES = IdentityRules()
 DEFAULT_BACKOFF = Backoff()
 
 
-_UNPARSED = object()  # a _fold cache miss (None is a parse answer)
-
-
 @dataclass(slots=True)
 class IpHolding:
     """A pod held an address from ``start`` until ``end`` (``None``: still holds it)."""
@@ -131,7 +128,7 @@ class KubernetesCache:
         self._endpoints: dict[tuple[str, int], Counter[tuple[str, str]]] = {}
         self._owned: dict[tuple[str, str, str], OwnedRecord] = {}
         self._misses: Counter[str] = Counter()
-        self._folded: BoundedMemo[str, object] = BoundedMemo(65536)
+        self._folded: BoundedMemo[str, str] = BoundedMemo(65536)
         self._identities: BoundedMemo[tuple[int, str, str], tuple[PodRecord, PeerIdentity]] = (
             BoundedMemo(65536)
         )
@@ -355,10 +352,10 @@ class KubernetesCache:
     def _fold(self, address: str) -> str | None:
         """:func:`parse_address` for lookups, remembered: a node asks about few addresses,
         many times (parsing one costs microseconds)."""
-        folded = self._folded.get(address, _UNPARSED)
-        if folded is _UNPARSED:
-            folded = self._folded.keep(address, parse_address(address))
-        return folded if isinstance(folded, str) else None
+        folded = self._folded.get(address)  # "": not an address
+        if folded is None:
+            folded = self._folded.keep(address, parse_address(address) or "")
+        return folded or None
 
     def _peer(self, pod: PodRecord, ip: str) -> PeerIdentity:
         """The identity of a pod record at ``ip``, made once per record, workload and

@@ -15,6 +15,7 @@ from agent.ebpf.decoding import C_COUNT, SOCK_INFO, encode_port
 from agent.ebpf.syscalls import MapHandle, create_map
 from agent.ebpf.tracing import LISTENER_KEY, PROCESS_INFO, Capacities, KernelTracer
 from agent.model import SocketFlag
+from tests.privileged.conftest import _unavailable
 from tests.support.fakes import FakeCatalogue, FakeEnricher
 
 HASH, ARRAY, PERCPU_ARRAY = 1, 2, 6
@@ -46,7 +47,7 @@ class _Plan:
 @pytest.fixture
 def maps() -> Iterator[dict[str, int]]:
     if os.geteuid() != 0:
-        pytest.skip("needs root to create BPF maps")
+        _unavailable("needs root to create BPF maps (run: sudo make test)")
     fds = {
         "socks": create_map(HASH, 8, SOCK_INFO.size, CAPACITY, 0, "t_socks"),
         "changed": create_map(HASH, 8, 1, CAPACITY, 0, "t_changed"),
