@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.ebpf.syscalls import program_run_stats
 from bench.accuracy import compare, exact_fraction
 from bench.figures import Figure, Target
 from bench.iperf import run_iperf3
@@ -266,19 +267,27 @@ def rotating(modes: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
             yield number, mode
 
 
+FLOOR_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
+
+
+def _empty_program() -> Any:
+    """EMPTY_PROGRAM loaded by bcc (not attached)."""
+    from agent.ebpf.headers import apply_headers, choose_headers
+
+    apply_headers(choose_headers())
+    from bcc import BPF
+
+    return BPF(text=EMPTY_PROGRAM)
+
+
 def measure_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
     """The TCP send+recv loop in rotating triplets of rounds: nothing attached, an empty
     raw-tracepoint program on the same two tracepoints, and tcpacct. The empty program is
     what any program there costs on this machine (the tracepoint's dispatch, with its
     Spectre/SRSO call and return mitigations); tcpacct's own work is its round minus the
     empty program's in the same triplet, so both see the same machine."""
-    from agent.ebpf.headers import apply_headers, choose_headers
-
-    apply_headers(choose_headers())
-    from bcc import BPF
-
-    tracepoints = ("sock_send_length", "sock_recv_length")
-    bpf = BPF(text=EMPTY_PROGRAM)
+    tracepoints = FLOOR_TRACEPOINTS
+    bpf = _empty_program()
     values: dict[str, list[float]] = {"off": [], "empty": [], "agent": []}
     try:
         _off(probe)
@@ -358,6 +367,129 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
     )
 
 
+PROGRAM_TIME_ROUNDS = 3
+LIFECYCLE_PREFIXES = ("on_set_state", "on_destroy")
+
+
+def _program_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """Per program, what its kernel counters gained between two readings."""
+    return {
+        name: {field: after[name][field] - before.get(name, {}).get(field, 0) for field in counts}
+        for name, counts in after.items()
+    }
+
+
+def _programs(probe: AgentProbe) -> dict[str, dict[str, int]]:
+    programs: dict[str, dict[str, int]] = probe.request({"cmd": "program_stats"})["programs"]
+    return programs
+
+
+def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) -> list[Figure]:
+    """The kernel's own count of the time tcpacct's programs run (BPF_ENABLE_STATS: run time
+    and runs per program), under the send/recv loop and the churn, agent on. It is CPU time
+    inside the programs, so the machine's other load barely moves it, unlike the wall-clock
+    ratios. The count includes two clock reads per run: an empty program attached to the
+    send/recv tracepoints beside tcpacct's shows what the count gives a program that does
+    nothing, and that much per run is taken off. The tracepoint's dispatch is not in the
+    count (the empty-program figure gives it)."""
+    per_call: list[float] = []
+    empty_per_run: list[float] = []
+    per_connection_counted: list[float] = []
+    runs_per_connection: list[float] = []
+    churn_programs: dict[str, dict[str, int]] = {}
+    misses = 0
+    empty = _empty_program()
+    empty_fd = empty.load_func("on_any", empty.RAW_TRACEPOINT).fd  # attaching reuses it
+    _on(probe)
+    probe.request({"cmd": "run_time_stats", "on": True})
+    try:
+        for _ in range(PROGRAM_TIME_ROUNDS):
+            for tracepoint in FLOOR_TRACEPOINTS:
+                empty.attach_raw_tracepoint(tp=tracepoint, fn_name="on_any")
+            try:
+                before, empty_before = _programs(probe), program_run_stats(empty_fd)
+                moved = send_recv(plan.send_recv_calls, LOOP_CPU, plan.loop_blocks)
+                gained = _program_delta(before, _programs(probe))
+                empty_after = program_run_stats(empty_fd)
+            finally:
+                for tracepoint in FLOOR_TRACEPOINTS:
+                    empty.detach_raw_tracepoint(tp=tracepoint)
+            empty_runs = empty_after.runs - empty_before.runs
+            floor = (empty_after.run_ns - empty_before.run_ns) / empty_runs if empty_runs else 0
+            empty_per_run.append(floor)
+            data = [c for n, c in gained.items() if not n.startswith(LIFECYCLE_PREFIXES)]
+            calls = 2 * moved.operations
+            per_call.append(sum(c["run_ns"] for c in data) / calls - floor)
+            before = _programs(probe)
+            moved = churn(plan.churn_connections, MESSAGE, CLIENT_CPU, SERVER_CPU)
+            gained = _program_delta(before, _programs(probe))
+            per_connection_counted.append(
+                sum(c["run_ns"] for c in gained.values()) / 1000 / moved.connections
+            )
+            runs_per_connection.append(sum(c["runs"] for c in gained.values()) / moved.connections)
+            misses += sum(c["recursion_misses"] for c in gained.values())
+            for name, counts in gained.items():
+                into = churn_programs.setdefault(name, {"run_ns": 0, "runs": 0})
+                into["run_ns"] += counts["run_ns"]
+                into["runs"] += counts["runs"]
+    finally:
+        probe.request({"cmd": "run_time_stats", "on": False})
+        empty.cleanup()
+    per_connection = [
+        counted - runs * floor / 1000
+        for counted, runs, floor in zip(
+            per_connection_counted, runs_per_connection, empty_per_run, strict=True
+        )
+    ]
+    method = (
+        f"the agent on, with the kernel's run-time statistics on (BPF_ENABLE_STATS) for "
+        f"{PROGRAM_TIME_ROUNDS} rounds of each workload; each program's run time and runs "
+        "are read before and after the workload (bpf_prog_info). Less, per run, what the "
+        f"statistics count for `{EMPTY_PROGRAM}` attached to sock_send_length and "
+        "sock_recv_length in the same send/recv round (their two clock reads: "
+        "details.counted_ns_per_empty_run). The tracepoint's dispatch is not in the figure "
+        "(the empty-program figure gives it); other processes' socket calls in the same "
+        "seconds count too."
+    )
+    return [
+        Figure(
+            key=f"datapath.bpf_ns_per_send_recv_call.{backend}",
+            title="tcpacct's programs' own run time per TCP send/recv call (kernel's count)",
+            unit="ns",
+            method=f"bench/loops.c as the send+recv figure ({plan.send_recv_calls} "
+            "iterations, pinned); the data-path programs' run time / (2 x iterations); "
+            + method,
+            value=summarise(per_call),
+            details={
+                "backend": backend,
+                "counted_ns_per_empty_run": summarise(empty_per_run).as_dict(),
+            },
+        ),
+        Figure(
+            key=f"datapath.bpf_us_per_churn_connection.{backend}",
+            title="tcpacct's programs' own run time per churned connection (kernel's count)",
+            unit="us",
+            method=f"the churn figure's workload ({plan.churn_connections} connections); every "
+            "program's run time / connections, both ends of a connection included; "
+            + method,
+            value=summarise(per_connection),
+            details={
+                "backend": backend,
+                "counted_us": summarise(per_connection_counted).as_dict(),
+                "program_runs_per_connection": summarise(runs_per_connection).as_dict(),
+                "recursion_misses": misses,
+                "counted_ns_per_run": {
+                    name: round(counts["run_ns"] / counts["runs"])
+                    for name, counts in sorted(churn_programs.items())
+                    if counts["runs"]
+                },
+            },
+        ),
+    ]
+
+
 def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> list[Figure]:
     probe.request({"cmd": "watch", "ports": "all"})
     figures = []
@@ -405,6 +537,18 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
             "hooks_only_ratio": split.ratio.median,
             "agent_over_hooks": split.details["agent_over_hooks"]["median"],
         })  # fmt: skip
+    program_time = measure_program_time(probe, plan, backend)
+    figures.extend(program_time)
+    per_call, kernel = program_time
+    assert per_call.value is not None and kernel.value is not None
+    _add_details(figures, f"datapath.send_recv_ns_per_call.{backend}", {
+        "bpf_ns_per_call": per_call.value.median,
+    })  # fmt: skip
+    _add_details(figures, f"datapath.churn_per_s.{backend}", {
+        "bpf_us_per_connection": kernel.value.median,
+        "program_runs_per_connection":
+            kernel.details["program_runs_per_connection"]["median"],
+    })  # fmt: skip
     if backend == "tracepoint":
         floor = measure_floor(probe, plan, backend)
         figures.append(floor)
@@ -412,6 +556,9 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
             _add_details(figures, f"datapath.send_recv_ns_per_call.{backend}", {
                 "empty_program_added_ns": floor.added.median,
                 "own_work_ns": floor.details["tcpacct_minus_empty_ns"]["median"],
+            })  # fmt: skip
+            _add_details(figures, f"datapath.churn_per_s.{backend}", {
+                "dispatch_ns_per_run": floor.added.median,
             })  # fmt: skip
     return figures
 

@@ -28,6 +28,10 @@ command                             answer
 ``{"cmd": "attach"}``               attach again (lifecycle hooks first) and resume polling;
                                     ``"accounting": false``: the poller only empties the
                                     ``changed`` and closed maps (hooks-only rounds)
+``{"cmd": "run_time_stats",``       the kernel's per-program run time on or off (BPF_ENABLE_STATS;
+``"on": true}``                     off again at quit)
+``{"cmd": "program_stats"}``        ``{"programs": {"on_send": {"run_ns", "runs",
+                                    "recursion_misses"}, ...}}``, the kernel's counters
 ``{"cmd": "quit"}``                 detach, answer ``{"ok": true}``, exit
 =================================== ===========================================================
 """
@@ -39,6 +43,7 @@ import cProfile
 import io
 import json
 import logging
+import os
 import pstats
 import sys
 import threading
@@ -48,6 +53,7 @@ from typing import Any
 
 from agent.accounting import Accountant
 from agent.collecting import tune_for_polling
+from agent.ebpf.syscalls import enable_run_time_stats
 from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
 from agent.enrich.local import LocalEnricher
 from agent.metrics.catalogue import load_catalogue
@@ -110,6 +116,7 @@ class ProbedAgent:
         self.poller_cpu: list[float] = []
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
+        self.stats_fd: int | None = None  # while the kernel's run-time statistics are on
 
     def start_poller(self) -> None:
         if self.interval > 0:
@@ -245,7 +252,27 @@ class ProbedAgent:
             self.tracer.attach_hooks()
             self.attached.set()
 
+    def run_time_stats(self, on: bool) -> None:
+        """The kernel's per-program run time on (``on``) or off; off again at close."""
+        if on and self.stats_fd is None:
+            self.stats_fd = enable_run_time_stats()
+        elif not on and self.stats_fd is not None:
+            os.close(self.stats_fd)
+            self.stats_fd = None
+
+    def program_stats(self) -> dict[str, dict[str, int]]:
+        """``{"on_send": {"run_ns": 2750000, "runs": 20000, "recursion_misses": 0}, ...}``"""
+        return {
+            name: {
+                "run_ns": stats.run_ns,
+                "runs": stats.runs,
+                "recursion_misses": stats.recursion_misses,
+            }
+            for name, stats in self.tracer.program_stats().items()
+        }
+
     def close(self) -> None:
+        self.run_time_stats(False)
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=30)
@@ -280,6 +307,11 @@ def serve(agent: ProbedAgent) -> None:
             _answer(agent.report(set(command["ports"])))
         elif name == "stats":
             _answer({"poller_cpu_s": agent.poller_cpu, **memory_kib()})
+        elif name == "run_time_stats":
+            agent.run_time_stats(bool(command["on"]))
+            _answer({"ok": True})
+        elif name == "program_stats":
+            _answer({"programs": agent.program_stats()})
         elif name == "detach":
             agent.detach()
             _answer({"ok": True})

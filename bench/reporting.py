@@ -105,18 +105,30 @@ def why(figure: Figure) -> str:
     """
     d = figure.details
     if "empty_program_added_ns" in d and "own_work_ns" in d:
+        counted = (
+            f"; by the kernel's own count (BPF_ENABLE_STATS, less its clock reads) the "
+            f"programs run {d['bpf_ns_per_call']:.0f} ns per call"
+            if "bpf_ns_per_call" in d
+            else ""
+        )
         return (
             f"an empty program on the same tracepoints adds {d['empty_program_added_ns']:.0f} "
             "ns here (the tracepoint's dispatch, with Spectre/SRSO mitigations); tcpacct's own "
             f"work {d['own_work_ns']:.0f} ns over it (one hash lookup, one atomic add), both "
-            "from rotating triplets of rounds (off, empty program, tcpacct)"
+            "from rotating triplets of rounds (off, empty program, tcpacct)" + counted
         )
     if "hooks_only_ratio" in d and "agent_over_hooks" in d:
-        return (
+        split = (
             f"in rotating triplets of rounds, the kernel hooks alone (maps emptied, nothing "
             f"decoded) keep {d['hooks_only_ratio']:.3f} of agent-off, and the whole agent "
-            f"{d['agent_over_hooks']:.3f} of hooks-only: the kernel side and the agent's user "
-            "space (decoding, naming and accounting every finished socket) both cost here"
+            f"{d['agent_over_hooks']:.3f} of hooks-only"
+        )
+        kernel = _churn_kernel_budget(figure)
+        if kernel:
+            return f"{kernel}; {split}"
+        return (
+            f"{split}: the kernel side and the agent's user space (decoding, naming and "
+            "accounting every finished socket) both cost here"
         )
     if "rss_anon_mib" in d and "rss_file_mib" in d:
         anon, mapped = _first(d["rss_anon_mib"]), _first(d["rss_file_mib"])
@@ -149,6 +161,29 @@ def why(figure: Figure) -> str:
     if too_noisy(figure):
         return "per-round ratios disagree (shared, loaded machine): not a verdict"
     return ""
+
+
+def _churn_kernel_budget(figure: Figure) -> str:
+    """The churn's kernel side from the kernel's own counters: what a connection costs in
+    tcpacct's programs and their dispatch, against what 0.99 of agent-off would allow."""
+    d = figure.details
+    needed = ("bpf_us_per_connection", "program_runs_per_connection", "dispatch_ns_per_run")
+    if figure.off is None or not figure.off.median or not all(k in d for k in needed):
+        return ""
+    runs = d["program_runs_per_connection"]
+    dispatch_us = runs * d["dispatch_ns_per_run"] / 1000
+    kernel_us = d["bpf_us_per_connection"] + dispatch_us
+    off_us = 1e6 / figure.off.median
+    at_most = off_us / (off_us + kernel_us)
+    budget_us = off_us * (1 / 0.99 - 1)
+    return (
+        f"per connection the kernel runs tcpacct's programs {runs:.0f} times (both ends, "
+        f"lifecycle twins included): {d['bpf_us_per_connection']:.1f} us inside them (the "
+        f"kernel's count) + ~{dispatch_us:.1f} us of dispatch ({d['dispatch_ns_per_run']:.0f} "
+        f"ns per run, the empty program's) = {kernel_us:.1f} us on a connection's "
+        f"{off_us:.0f} us agent-off, so the hooks alone keep at most ~{at_most:.3f}; 0.99 "
+        f"leaves {budget_us:.1f} us per connection for kernel and agent together"
+    )
 
 
 def results_document(

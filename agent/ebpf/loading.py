@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+import types
+from collections.abc import Iterable, Mapping
 
 from agent.ebpf.backends import Hook
 from agent.ebpf.compiled import CompiledProgram
@@ -57,6 +58,11 @@ class LoadedProgram:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def program_fds(self) -> Mapping[str, int]:
+        """Each loaded function's program fd, by function name."""
+        return types.MappingProxyType(self._programs)
 
     def attach(self, hooks: Iterable[Hook]) -> None:
         for hook in hooks:

@@ -64,10 +64,12 @@ from agent.ebpf.syscalls import (
     BPF_MAP_LOOKUP_BATCH,
     BatchAttr,
     MapHandle,
+    ProgramRunStats,
     bpf_errno,
     check_sizes,
     open_raw_tracepoint,
     possible_cpus,
+    program_run_stats,
 )
 from agent.model import KernelPoll, ListeningSocket, SocketSample
 
@@ -162,6 +164,9 @@ class _Program(Protocol):
 
     map_fds: Mapping[str, int]
 
+    @property
+    def program_fds(self) -> Mapping[str, int]: ...
+
     def attach(self, hooks: Iterable[Hook]) -> None: ...
 
     def detach(self, hooks: Iterable[Hook]) -> None: ...
@@ -181,6 +186,15 @@ class _BccProgram:
         self.map_fds = {name: bpf[name].map_fd for name in MAPS}  # type: ignore[index]
         self._links: dict[tuple[str, str], int] = {}
         self._by_bcc: set[str] = set()  # raw tracepoints bcc attached
+
+    @property
+    def program_fds(self) -> Mapping[str, int]:
+        """Each function bcc has loaded so far (attaching loads it), by name."""
+        funcs = self._bpf.funcs  # type: ignore[attr-defined]
+        return {
+            (name.decode() if isinstance(name, bytes) else name): function.fd
+            for name, function in funcs.items()
+        }
 
     def attach(self, hooks: Iterable[Hook]) -> None:
         from bcc import BPF
@@ -435,6 +449,16 @@ class KernelTracer:
 
         self._drainer = threading.Thread(target=loop, name="closed-drain", daemon=True)
         self._drainer.start()
+
+    def program_stats(self) -> dict[str, ProgramRunStats]:
+        """The kernel's run counters of each loaded program, by function name (run time
+        and count only while :func:`~agent.ebpf.syscalls.enable_run_time_stats` is on)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("tracer is closed")
+            return {
+                name: program_run_stats(fd) for name, fd in self._program.program_fds.items()
+            }
 
     def map_usage(self) -> Mapping[str, tuple[int, int]]:
         return {

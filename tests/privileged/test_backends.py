@@ -6,13 +6,18 @@ and kprobes are not built in. Their runtime proof is the stock-kernel VM tier (t
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
 
 from agent.ebpf.backends import BackendUnavailable
 from agent.ebpf.compiled import read_cached
+from agent.ebpf.syscalls import ProgramRunStats, enable_run_time_stats
 from agent.ebpf.tracing import Capacities, compile_only, open_tracer
+
+LIFECYCLE = ("on_set_state", "on_destroy")
 
 
 @pytest.mark.parametrize("backend", ["tracepoint", "fentry", "kprobe"])
@@ -141,3 +146,39 @@ def test_a_batch_reader_reads_every_entry_and_gives_its_pages_back() -> None:
             assert not any(reader._values[: entries * 96])  # pages given back: zeros
     finally:
         os.close(fd)
+
+
+def _one_byte_exchanges(count: int) -> None:
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname()) as client,
+    ):
+        server, _ = listener.accept()
+        with server:
+            for _ in range(count):
+                client.sendall(b"x")
+                assert server.recv(1) == b"x"
+
+
+def test_the_kernel_counts_program_runs_only_while_run_time_stats_are_on(tracer) -> None:
+    """bpf_prog_info's run counters, as the benchmark reads them: 200 one-byte sends and
+    200 receives run the data-path programs at least 400 times (other processes' socket
+    calls may add), and none once the statistics' fd is closed."""
+
+    def data_path(stats: dict[str, ProgramRunStats]) -> tuple[int, int]:
+        chosen = [s for name, s in stats.items() if not name.startswith(LIFECYCLE)]
+        return sum(s.runs for s in chosen), sum(s.run_ns for s in chosen)
+
+    stats_fd = enable_run_time_stats()
+    try:
+        runs_before, ns_before = data_path(tracer.program_stats())
+        _one_byte_exchanges(200)
+        runs_after, ns_after = data_path(tracer.program_stats())
+    finally:
+        os.close(stats_fd)
+    assert runs_after - runs_before >= 400
+    assert ns_after > ns_before
+    if Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() != "0":
+        return  # someone else turned them on for the whole machine
+    _one_byte_exchanges(50)
+    assert data_path(tracer.program_stats())[0] == runs_after

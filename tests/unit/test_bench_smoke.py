@@ -153,3 +153,37 @@ def test_rotating_rounds_start_with_each_mode_in_turn() -> None:
         (1, "hooks"), (1, "agent"), (1, "off"),
         (2, "agent"), (2, "off"), (2, "hooks"),
     ]  # fmt: skip
+
+
+def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
+    from bench.reporting import why
+
+    churn = Figure(
+        key="datapath.churn_per_s.tracepoint",
+        title="churn",
+        unit="1/s",
+        method="fake",
+        on=summarise([9000.0]),
+        off=summarise([10000.0]),  # 100 us per connection agent-off
+        ratio=summarise([0.9]),
+        target=Target("ratio", ">=", 0.99, ">= 0.99"),
+        details={
+            "hooks_only_ratio": 0.91,
+            "agent_over_hooks": 0.95,
+            "bpf_us_per_connection": 6.0,
+            "program_runs_per_connection": 30.0,
+            "dispatch_ns_per_run": 100.0,  # 30 runs x 100 ns = 3 us
+        },
+    )
+    text = why(churn)
+    assert "runs tcpacct's programs 30 times" in text
+    assert "6.0 us inside them" in text
+    assert "~3.0 us of dispatch (100 ns per run" in text
+    assert "= 9.0 us on a connection's 100 us agent-off" in text
+    assert "keep at most ~0.917" in text  # 100 / 109
+    assert "0.99 leaves 1.0 us per connection" in text
+    assert "hooks alone (maps emptied, nothing decoded) keep 0.910" in text
+    without = Figure(**{**{f: getattr(churn, f) for f in churn.__slots__}, "details": {
+        "hooks_only_ratio": 0.91, "agent_over_hooks": 0.95,
+    }})  # fmt: skip
+    assert why(without).endswith("both cost here")
