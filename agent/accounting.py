@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,6 +206,11 @@ class Accountant:
         self._admitted: BoundedMemo[
             int, tuple[tuple[tuple[SeriesKey, ValueSource], ...], tuple[tuple[SeriesKey, int], ...]]
         ] = BoundedMemo(65536)
+        # finished sockets named by the enricher's naming key (see _series_by_naming_key)
+        self._naming_key = _naming_key_of(enricher, catalogue)
+        self._named: BoundedMemo[Hashable, tuple[tuple[SeriesKey, int], ...]] = BoundedMemo(
+            65536
+        )
         self._overflowed = 0
         self._expired = 0
         self._last_expiry = clock()
@@ -289,6 +294,11 @@ class Accountant:
         ):
             self._peers.remove(last)  # its tuple became known at ESTABLISHED
         tracked.last_seen = sample
+        if tracked.series is None and final and self._naming_key is not None:
+            self._held.add(sid)  # until named: if naming raises, the next poll asks again
+            tracked.series = self._series_by_naming_key(sample, peers)
+            if tracked.series is not None:
+                self._held.discard(sid)
         if tracked.series is None:
             # held until named: if naming raises, the next poll asks again
             self._held.add(sid)
@@ -308,6 +318,25 @@ class Accountant:
         if final:
             del self._tracked[sid]
             self._missing.pop(sid, None)
+
+    def _series_by_naming_key(
+        self, sample: SocketSample, peers: _Peers
+    ) -> tuple[tuple[SeriesKey, int], ...] | None:
+        """A finished socket's series by its naming key, without making its attributes
+        when an earlier socket had the same key (a churn of short connections between the
+        same workloads differs only in ephemeral ports, which no definition reads here).
+        None when the enricher has no key for it yet: then it is named the usual way."""
+        assert self._naming_key is not None
+        key = self._naming_key(sample, peers)
+        if key is None:
+            return None
+        series = self._named.get(key)
+        if series is None:
+            attributes = self._enricher.attributes(sample, peers, final=True)
+            if attributes is None:
+                raise RuntimeError("enricher returned None for a final sample")
+            series = self._named.keep(key, self._admit(self._series_for(attributes)))
+        return series
 
     def _count(self, tracked: _Tracked, sample: SocketSample) -> None:
         sent = sample.sent_bytes - tracked.sent
@@ -404,6 +433,7 @@ class Accountant:
                 self._totals.pop(key, None)
                 self._expired += 1
                 self._admitted.clear()
+                self._named.clear()
 
     def _series_for(
         self, attributes: ConnectionAttributes
@@ -518,8 +548,10 @@ class Accountant:
             old = {_fingerprint(d): d.name for d in self._catalogue.definitions()}
             kept_names = {d.name for d in catalogue.definitions() if _fingerprint(d) in old}
             self._catalogue = catalogue
+            self._naming_key = _naming_key_of(self._enricher, catalogue)
             self._evaluated.clear()
             self._admitted.clear()
+            self._named.clear()
             self._totals = {k: v for k, v in self._totals.items() if k.metric in kept_names}
             self._touched = {k: v for k, v in self._touched.items() if k in self._totals}
             reviving = [tracked for tracked, _ in self._unattributed.tombstones.values()]
@@ -563,6 +595,19 @@ class Accountant:
     def stats(self) -> AccountingStats:
         """As of the last poll (like :meth:`families`)."""
         return self._published_stats
+
+
+def _naming_key_of(
+    enricher: Enricher, catalogue: MetricCatalogue
+) -> Callable[[SocketSample, _Peers], Hashable | None] | None:
+    """The enricher's ``naming_key`` (agent.model.NamingKeys) when naming by it is exact:
+    the catalogue says that no definition reads an end's ip or port."""
+    if getattr(catalogue, "reads_addresses", True) is not False:
+        return None
+    naming_key: Callable[[SocketSample, _Peers], Hashable | None] | None = getattr(
+        enricher, "naming_key", None
+    )
+    return naming_key
 
 
 def _fingerprint(definition: MetricDefinition) -> object:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -239,6 +239,9 @@ class ServiceIdentity:
     namespace: str = UNKNOWN
 
 
+NO_SERVICE = ServiceIdentity()  # every field "unknown"; shared, never changed
+
+
 @dataclass(slots=True, unsafe_hash=True)
 class ConnectionAttributes:
     """Everything known about one end's view of a connection, for metric definitions;
@@ -248,7 +251,7 @@ class ConnectionAttributes:
     reporter: Reporter
     source: PeerIdentity
     destination: PeerIdentity
-    service: ServiceIdentity = ServiceIdentity()
+    service: ServiceIdentity = NO_SERVICE
     protocol: str = "tcp"
 
 
@@ -263,6 +266,20 @@ class Enricher(Protocol):
     def attributes(
         self, sample: SocketSample, peers: PeerIndex, *, final: bool
     ) -> ConnectionAttributes | None: ...
+
+
+class NamingKeys(Protocol):
+    """What an enricher may also offer: ``naming_key(sample, peers) -> Hashable | None``.
+
+    Two samples with equal keys get attributes that differ at most in their ends' ``ip``
+    and ``port`` (so a catalogue that reads neither evaluates them alike); None when the
+    enricher would not answer yet (``attributes(..., final=False)`` is None). Accounting
+    names a finished socket by its key alone when an earlier one had the same, e.g. local
+    mode: ``(Role.CLIENT, "curl", "nginx", "127.0.0.1", 80)`` for every curl connection
+    to the local nginx, whatever its ephemeral port.
+    """
+
+    def naming_key(self, sample: SocketSample, peers: PeerIndex) -> Hashable | None: ...
 
 
 class PeerIndex(Protocol):
@@ -322,7 +339,9 @@ class MetricCatalogue(Protocol):
     """The effective set of metric definitions (built-in plus configuration).
 
     A catalogue may also offer ``evaluation_key(attributes) -> Hashable``: attributes with
-    equal keys evaluate alike under every definition, so accounting evaluates once per key.
+    equal keys evaluate alike under every definition, so accounting evaluates once per key;
+    and ``reads_addresses``: False when no definition reads an end's ip or port (then
+    accounting may name sockets by :class:`NamingKeys`).
     """
 
     def definitions(self) -> Iterable[MetricDefinition]: ...

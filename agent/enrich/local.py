@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from agent.memo import BoundedMemo
 from agent.model import (
@@ -61,9 +61,10 @@ class LocalEnricher:
             return None
         return self._process_name(sample.pid) or sample.comm or None
 
-    def attributes(
+    def _workloads(
         self, sample: SocketSample, peers: PeerIndex, *, final: bool
-    ) -> ConnectionAttributes | None:
+    ) -> tuple[str, str] | None:
+        """(local end's workload, remote end's) or None while one is not known yet."""
         local_name = self._name(sample)
         if local_name is None and not final:
             return None  # the owning process shows up with its first send or receive
@@ -76,8 +77,16 @@ class LocalEnricher:
             return None  # the other end is on this host; its socket appears next poll
         else:
             remote_name = None
-        local = self._identity(sample.local, local_name or UNKNOWN)
-        remote = self._identity(sample.remote, remote_name or sample.remote.address)
+        return local_name or UNKNOWN, remote_name or sample.remote.address
+
+    def attributes(
+        self, sample: SocketSample, peers: PeerIndex, *, final: bool
+    ) -> ConnectionAttributes | None:
+        workloads = self._workloads(sample, peers, final=final)
+        if workloads is None:
+            return None
+        local = self._identity(sample.local, workloads[0])
+        remote = self._identity(sample.remote, workloads[1])
         client, server = (remote, local) if sample.role is Role.SERVER else (local, remote)
         return ConnectionAttributes(
             reporter=sample.reporter,
@@ -85,6 +94,17 @@ class LocalEnricher:
             destination=server,
             service=self._service(sample.server),
         )
+
+    def naming_key(self, sample: SocketSample, peers: PeerIndex) -> Hashable | None:
+        """``agent.model.NamingKeys``: everything :meth:`attributes` names a socket by but
+        its ends' ip and port (the server's stay: they make the service).
+        A curl connection from port 41000 to a local nginx on 127.0.0.1:80 ->
+        ``(Role.CLIENT, "curl", "nginx", "127.0.0.1", 80)``, as from port 41002."""
+        workloads = self._workloads(sample, peers, final=False)
+        if workloads is None:
+            return None
+        server = sample.server
+        return (sample.role, *workloads, server.address, server.port)
 
     def _service(self, server: Endpoint) -> ServiceIdentity:
         """One ServiceIdentity per server end, shared by all its connections."""

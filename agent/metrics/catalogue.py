@@ -67,7 +67,7 @@ class Catalogue:
         the accountant evaluates the definitions once for both:
         ``10.0.0.5:41000 -> db`` and ``10.0.0.5:41002 -> db`` -> one key.
         """
-        if self._reads_addresses:
+        if self.reads_addresses:
             return attributes
         return (
             attributes.reporter,
@@ -78,7 +78,9 @@ class Catalogue:
         )
 
     @functools.cached_property
-    def _reads_addresses(self) -> bool:
+    def reads_addresses(self) -> bool:
+        """Whether any definition reads an end's ip or port (``source.ip``,
+        ``destination.port``, ...)."""
         names = referenced_attributes(self.metrics)
         return any(name.endswith((".ip", ".port")) for name in names)
 

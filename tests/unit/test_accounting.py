@@ -913,3 +913,127 @@ def test_property_model_moves_what_it_says() -> None:
     kernel.move(1, False, 3)  # socket 2 (server) reads 3
     assert (kernel.moved_received, kernel.moved_sent) == (10, 5)
     assert ValueSource.RECEIVED_BYTES.value == "connection.received.bytes"
+
+
+# -- naming finished sockets by the enricher's naming key ------------------------------------
+
+
+class CountingEnricher:
+    """A LocalEnricher (curl 42 -> nginx 43) counting ``attributes`` calls; without
+    ``naming_key`` when ``keys`` is False (the accountant then names every socket)."""
+
+    def __init__(self, *, keys: bool = True) -> None:
+        from agent.enrich.local import LocalEnricher
+
+        self.inner = LocalEnricher({42: "curl", 43: "nginx"}.get)
+        self.calls = 0
+        if keys:
+            self.naming_key = self.inner.naming_key
+
+    def attributes(
+        self, sample: SocketSample, peers: PeerIndex, *, final: bool
+    ) -> ConnectionAttributes | None:
+        self.calls += 1
+        return self.inner.attributes(sample, peers, final=final)
+
+
+def loopback_pair(number: int, *, sent: int, received: int) -> tuple[SocketSample, SocketSample]:
+    """Both finished sockets of connection ``number``: curl 127.0.0.1:<41000+n> -> nginx
+    127.0.0.1:8080; the client wrote ``sent`` and read ``received``."""
+    from agent.model import Endpoint
+
+    client_end, server_end = Endpoint("127.0.0.1", 41000 + number), Endpoint("127.0.0.1", 8080)
+    client = SocketSample(2 * number, sent, received, client_end, server_end, Role.CLIENT,
+                          FINAL, pid=42, comm="curl")  # fmt: skip
+    server = SocketSample(2 * number + 1, received, sent, server_end, client_end, Role.SERVER,
+                          FINAL, pid=43, comm="nginx")  # fmt: skip
+    return client, server
+
+
+def test_finished_sockets_of_one_shape_are_named_once_and_count_exactly() -> None:
+    """A churn of 20 short connections curl -> nginx: the client and the server views are
+    named once each (by their naming keys), every byte and event counted."""
+    enricher = CountingEnricher()
+    accountant = Accountant(load_catalogue([]), enricher)
+    pairs = [loopback_pair(n, sent=n + 1, received=10 * n) for n in range(20)]
+    accountant.apply(poll(finished=[s for pair in pairs for s in pair]))
+    assert enricher.calls == 2
+    received = labelled(accountant, "istio_tcp_received_bytes_total")
+    assert sorted(value for _, value in received) == [210, 210]  # 1 + 2 + ... + 20, each view
+    assert sorted(value for _, value in labelled(accountant, "istio_tcp_sent_bytes_total")) == [
+        1900, 1900,
+    ]  # fmt: skip
+    for metric in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"):
+        assert sorted(value for _, value in labelled(accountant, metric)) == [20, 20]
+    workloads = {(ls["source_workload"], ls["destination_workload"]) for ls, _ in received}
+    assert workloads == {("curl", "nginx")}
+
+
+def test_a_catalogue_that_reads_ports_names_every_finished_socket(tmp_path) -> None:
+    path = tmp_path / "ports.yaml"
+    path.write_text(
+        "metrics:\n  - name: by_client_port\n    value: connection.received.bytes\n"
+        "    reporters: [source]\n    dimensions:\n      port: source.port\n"
+    )
+    enricher = CountingEnricher()
+    accountant = Accountant(load_catalogue([path]), enricher)
+    pairs = [loopback_pair(n, sent=n + 1, received=0) for n in range(3)]
+    accountant.apply(poll(finished=[s for pair in pairs for s in pair]))
+    assert enricher.calls == 6
+    assert sorted(labelled(accountant, "by_client_port"), key=lambda item: item[1]) == [
+        ({"port": "41000"}, 1), ({"port": "41001"}, 2), ({"port": "41002"}, 3),
+    ]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 5),  # connection number: repeats are new connections later on
+            st.integers(0, 1000),
+            st.integers(0, 1000),
+            st.sampled_from(("both", "client", "server")),
+            st.booleans(),  # live first, finished in a later poll
+        ),
+        max_size=25,
+    )
+)
+def test_naming_by_key_counts_what_naming_every_socket_counts(connections) -> None:
+    """Over polls of finished (and first-live) sockets, an accountant that names finished
+    sockets by their keys ends with the same families as one that names each socket."""
+    by_key, each = CountingEnricher(), CountingEnricher(keys=False)
+    accountants = [Accountant(load_catalogue([]), e) for e in (by_key, each)]
+    next_id = 0
+    for number, sent, received, ends, live_first in connections:
+        client, server = loopback_pair(number, sent=sent, received=received)
+        renumbered = []
+        for view in (client, server):
+            next_id += 1
+            renumbered.append(dataclasses.replace(view, socket_id=next_id))
+        kept = [s for s, name in zip(renumbered, ("client", "server"), strict=True)
+                if ends in ("both", name)]  # fmt: skip
+        for accountant in accountants:
+            if live_first:
+                live = [dataclasses.replace(s, flags=OPENED, sent_bytes=0) for s in kept]
+                accountant.apply(poll(live=live))
+            accountant.apply(poll(finished=kept))
+    snapshots = [
+        [(f.name, f.label_names, dict(f.samples)) for f in a.families()] for a in accountants
+    ]
+    assert snapshots[0] == snapshots[1]
+
+
+def test_a_reloaded_catalogue_that_reads_ports_stops_naming_by_key(tmp_path) -> None:
+    path = tmp_path / "ports.yaml"
+    path.write_text(
+        "metrics:\n  - name: by_client_port\n    value: connection.received.bytes\n"
+        "    reporters: [source]\n    dimensions:\n      port: source.port\n"
+    )
+    accountant = Accountant(load_catalogue([]), CountingEnricher())
+    accountant.apply(poll(finished=loopback_pair(0, sent=5, received=0)))
+    accountant.replace_catalogue(load_catalogue([path]))
+    pairs = [loopback_pair(n, sent=n, received=0) for n in (1, 2)]
+    accountant.apply(poll(finished=[s for pair in pairs for s in pair]))
+    assert sorted(labelled(accountant, "by_client_port"), key=lambda item: item[1]) == [
+        ({"port": "41001"}, 1), ({"port": "41002"}, 2),
+    ]  # fmt: skip

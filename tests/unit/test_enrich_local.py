@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.enrich.local import LocalEnricher
 from agent.metrics.catalogue import load_catalogue
@@ -138,3 +140,66 @@ def test_local_mode_labels_of_the_builtin_metrics() -> None:
         "response_flags": "-",
     }
     assert len(labels) == 23
+
+
+# -- naming keys (agent.model.NamingKeys) -------------------------------------------------
+
+_ADDRESSES = ("127.0.0.1", "198.18.0.1", "198.18.0.2")
+_PORTS = (80, 8080, 40000, 40001)
+
+
+@st.composite
+def _ends(draw: st.DrawFn) -> tuple[SocketSample, PeersOf]:
+    """A socket from small pools (so keys collide often), with or without a peer socket."""
+    role = draw(st.sampled_from((Role.CLIENT, Role.SERVER)))
+    local = (draw(st.sampled_from(_ADDRESSES)), draw(st.sampled_from(_PORTS)))
+    remote = (draw(st.sampled_from(_ADDRESSES)), draw(st.sampled_from(_PORTS)))
+    pid = draw(st.sampled_from((0, 42, 43, 44)))  # 44: gone, comm decides
+    comm = draw(st.sampled_from(("", "worker")))
+    sample = socket_sample(local, remote, role, pid=pid, comm=comm)
+    peers = PeersOf()
+    if draw(st.booleans()):
+        peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        peer_pid = draw(st.sampled_from((0, 42, 43)))
+        peers.peers[1] = socket_sample(remote, local, peer_role, pid=peer_pid, socket_id=2)
+    return sample, peers
+
+
+@settings(max_examples=400, deadline=None)
+@given(_ends(), _ends())
+def test_equal_naming_keys_evaluate_alike_under_a_catalogue_that_reads_no_address(
+    first: tuple[SocketSample, PeersOf], second: tuple[SocketSample, PeersOf]
+) -> None:
+    """What accounting relies on to name a finished socket by its key alone: the key is
+    None exactly when the enricher would not answer yet, and two sockets with equal keys
+    get attributes the built-in metrics evaluate alike (they read no ip or port)."""
+    names = enricher()
+    catalogue = load_catalogue([])
+    assert catalogue.reads_addresses is False
+    keys, evaluated = [], []
+    for sample, peers in (first, second):
+        key = names.naming_key(sample, peers)
+        attributes = names.attributes(sample, peers, final=False)
+        assert (key is None) == (attributes is None)
+        keys.append(key)
+        evaluated.append(
+            None
+            if attributes is None
+            else tuple(d.evaluate(attributes) for d in catalogue.definitions())
+        )
+    if keys[0] is not None and keys[0] == keys[1]:
+        assert evaluated[0] == evaluated[1]
+
+
+def test_a_naming_key_leaves_out_the_ephemeral_port_only() -> None:
+    """curl -> nginx on this host from two client ports: one key; the server's port is
+    part of it (it makes the service)."""
+    names = enricher()
+    keys = set()
+    for port in (40000, 40001):
+        client = socket_sample(("127.0.0.1", port), ("127.0.0.1", 8080), Role.CLIENT, pid=42)
+        server = socket_sample(("127.0.0.1", 8080), ("127.0.0.1", port), Role.SERVER, pid=43)
+        keys.add(names.naming_key(client, PeersOf({1: server})))
+    assert keys == {(Role.CLIENT, "curl", "nginx", "127.0.0.1", 8080)}
+    other = socket_sample(("127.0.0.1", 40000), ("127.0.0.1", 9090), Role.CLIENT, pid=42)
+    assert names.naming_key(other, NoPeers()) is None  # loopback peer not seen yet
