@@ -150,13 +150,6 @@ class SampleDecoder:
         text = table.get(raw)
         return text if text is not None else table.keep(raw, decode_address(family, raw))
 
-    @staticmethod
-    def _endpoint(before: Endpoint | None, address: str, port: int) -> Endpoint:
-        """The previous sample's endpoint when it is the same (no new object), else a new one."""
-        if before is not None and before.port == port and before.address == address:
-            return before
-        return Endpoint(address, port)
-
     def decode(
         self, raw: bytes | memoryview, previous: Mapping[int, SocketSample], offset: int = 0
     ) -> SocketSample:
@@ -223,15 +216,35 @@ class SampleDecoder:
             tgid,
             comm,
         ) = fields
-        local_address = self._address(family, local)
-        remote_address = self._address(family, remote)
-        local_port, remote_port = socket.ntohs(local_port), socket.ntohs(remote_port)
-        local_end = self._endpoint(before and before.local, local_address, local_port)
-        remote_end = self._endpoint(before and before.remote, remote_address, remote_port)
+        # the memo lookups inline (one socket per call of a poll's hottest loop); a miss
+        # goes through the methods that fill them
+        texts = self._addresses.get(family)
+        local_address = texts.get(local) if texts is not None else None
+        if local_address is None:
+            local_address = self._address(family, local)
+            texts = self._addresses[family]
+        remote_address = texts.get(remote)
+        if remote_address is None:
+            remote_address = self._address(family, remote)
+        local_port, remote_port = _ntohs(local_port), _ntohs(remote_port)
+        local_end = remote_end = None
+        if before is not None:
+            local_end, remote_end = before.local, before.remote
+        if local_end is None or local_end.port != local_port or local_end.address != local_address:
+            local_end = Endpoint(local_address, local_port)
+        if (
+            remote_end is None
+            or remote_end.port != remote_port
+            or remote_end.address != remote_address
+        ):
+            remote_end = Endpoint(remote_address, remote_port)
         # one int object per distinct namespace and process, not one per socket
         shared = self._numbers
         netns = shared.get(netns) or shared.keep(netns, netns)
         tgid = shared.get(tgid) or shared.keep(tgid, tgid)
+        name = self._comms.get(comm)
+        if name is None:
+            name = self._comm(comm)
         return SocketSample(
             sid,
             sent,
@@ -242,7 +255,7 @@ class SampleDecoder:
             _FLAGS[flags & 0xF],
             netns,
             tgid,
-            self._comm(comm),
+            name,
         )
 
 
