@@ -55,6 +55,7 @@ class DatapathPlan:
     iperf_seconds: float = 2.0
     peer_rounds: int = 5
     peer_churn_connections: int = 600
+    program_time_rounds: int = 5  # send/recv and churn rounds with the kernel's statistics on
 
 
 @dataclass
@@ -367,7 +368,6 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
     )
 
 
-PROGRAM_TIME_ROUNDS = 3
 LIFECYCLE_PREFIXES = ("on_set_state", "on_destroy")
 
 
@@ -389,11 +389,11 @@ def _programs(probe: AgentProbe) -> dict[str, dict[str, int]]:
 def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) -> list[Figure]:
     """The kernel's own count of the time tcpacct's programs run (BPF_ENABLE_STATS: run time
     and runs per program), under the send/recv loop and the churn, agent on. It is CPU time
-    inside the programs, so the machine's other load barely moves it, unlike the wall-clock
-    ratios. The count includes two clock reads per run: an empty program attached to the
-    send/recv tracepoints beside tcpacct's shows what the count gives a program that does
-    nothing, and that much per run is taken off. The tracepoint's dispatch is not in the
-    count (the empty-program figure gives it)."""
+    inside the programs, which the machine's other load moves less than the wall-clock
+    ratios (its cache and memory contention still do). The count includes two clock reads
+    per run: an empty program attached to the send/recv tracepoints beside tcpacct's shows
+    what the count gives a program that does nothing, and that much per run is taken off.
+    The tracepoint's dispatch is not in the count (the empty-program figure gives it)."""
     per_call: list[float] = []
     empty_per_run: list[float] = []
     per_connection_counted: list[float] = []
@@ -405,7 +405,7 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
     _on(probe)
     probe.request({"cmd": "run_time_stats", "on": True})
     try:
-        for _ in range(PROGRAM_TIME_ROUNDS):
+        for _ in range(plan.program_time_rounds):
             for tracepoint in FLOOR_TRACEPOINTS:
                 empty.attach_raw_tracepoint(tp=tracepoint, fn_name="on_any")
             try:
@@ -445,7 +445,7 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
     ]
     method = (
         f"the agent on, with the kernel's run-time statistics on (BPF_ENABLE_STATS) for "
-        f"{PROGRAM_TIME_ROUNDS} rounds of each workload; each program's run time and runs "
+        f"{plan.program_time_rounds} rounds of each workload; each program's run time and runs "
         "are read before and after the workload (bpf_prog_info). Less, per run, what the "
         f"statistics count for `{EMPTY_PROGRAM}` attached to sock_send_length and "
         "sock_recv_length in the same send/recv round (their two clock reads: "
