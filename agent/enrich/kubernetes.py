@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from agent.model import (
+    NO_SERVICE,
     ConnectionAttributes,
     Endpoint,
     PeerIdentity,
@@ -86,8 +87,6 @@ class NatTable(Protocol):
         self, client: Endpoint, server: Endpoint
     ) -> tuple[Endpoint, Endpoint] | None: ...
 
-
-NO_SERVICE = ServiceIdentity()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
