@@ -88,7 +88,6 @@ class NatTable(Protocol):
     ) -> tuple[Endpoint, Endpoint] | None: ...
 
 
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class _End:
     """One resolved end: its identity, and whether waiting a poll could name it better."""
