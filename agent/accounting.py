@@ -208,9 +208,7 @@ class Accountant:
         ] = BoundedMemo(65536)
         # finished sockets named by the enricher's naming key (see _series_by_naming_key)
         self._naming_key = _naming_key_of(enricher, catalogue)
-        self._named: BoundedMemo[Hashable, tuple[tuple[SeriesKey, int], ...]] = BoundedMemo(
-            65536
-        )
+        self._named: BoundedMemo[Hashable, tuple[tuple[SeriesKey, int], ...]] = BoundedMemo(65536)
         self._overflowed = 0
         self._expired = 0
         self._last_expiry = clock()

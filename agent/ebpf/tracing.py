@@ -456,9 +456,7 @@ class KernelTracer:
         with self._lock:
             if self._closed:
                 raise RuntimeError("tracer is closed")
-            return {
-                name: program_run_stats(fd) for name, fd in self._program.program_fds.items()
-            }
+            return {name: program_run_stats(fd) for name, fd in self._program.program_fds.items()}
 
     def map_usage(self) -> Mapping[str, tuple[int, int]]:
         return {
