@@ -108,6 +108,11 @@ class SocketSample:
     netns: int = 0
     pid: int = 0  # tgid of the process that owns/moved bytes on the socket, 0 if not known
     comm: str = ""  # that task's name as the kernel saw it
+    # The reader's bookkeeping, not part of the sample's value: the kernel entry's version
+    # when this sample was read, and whether a later read at that same version found
+    # everything but the counters unchanged (then reads at that version update counters only)
+    kernel_version: int = field(default=0, compare=False, hash=False, repr=False)
+    settled: bool = field(default=False, compare=False, hash=False, repr=False)
 
     @property
     def client(self) -> Endpoint:

@@ -73,7 +73,7 @@ struct sock_info {
     u32 tgid;          // process that connected/listened/moved bytes, 0 until known
     char comm[16];
     u32 changed_in;    // the poll round in which the entry last went into `changed`
-    u32 reserved;
+    u32 version;       // bumped after every change of the fields above but the counters
 };
 
 struct listener_key {
@@ -117,6 +117,14 @@ static __always_inline void mark_changed(u64 key, struct sock_info *entry)
     u8 one = 1;
     if (changed.update(&key, &one) != 0)
         count(C_CHANGES_LOST, 1);
+}
+
+// Every change of an entry's identity, role, flags or process ends here: while the version
+// stays, user space updates only the counters of a sample it has already compared whole
+// (agent/ebpf/decoding.py SampleDecoder.refresh).
+static __always_inline void bump_version(struct sock_info *entry)
+{
+    __sync_fetch_and_add(&entry->version, 1);
 }
 
 static __always_inline u16 sock_protocol(void *sk)
@@ -239,8 +247,10 @@ static __always_inline void count_bytes(void *sk, u64 bytes, int direction)
             return;
         }
     }
-    if (!entry->tgid)
+    if (!entry->tgid) {
         set_current_process(entry);
+        bump_version(entry);
+    }
     if (direction == DIR_SENT)
         __sync_fetch_and_add(&entry->sent, bytes);
     else
@@ -297,6 +307,7 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
             entry->flags &= ~F_CLOSED; // a failed attempt before this one
             if (!entry->tgid)
                 set_current_process(entry);
+            bump_version(entry);
             mark_changed(key, entry);
         }
         return 0;
@@ -318,12 +329,15 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
                 __builtin_memcpy(entry->comm, owner->comm, sizeof(entry->comm));
             }
         }
-        if (entry)
+        if (entry) {
+            bump_version(entry);
             mark_changed(key, entry);
+        }
         return 0;
     }
     if (newstate == TCP_CLOSE_ && entry) {
         entry->flags |= F_CLOSED;
+        bump_version(entry);
         mark_changed(key, entry);
     }
     return 0;

@@ -43,7 +43,7 @@ class SockInfo(ctypes.Structure):
         ("tgid", ctypes.c_uint32),
         ("comm", ctypes.c_char * 16),
         ("changed_in", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("version", ctypes.c_uint32),
     ]
 
 
@@ -82,6 +82,7 @@ def decode_comm(raw: bytes) -> str:
 
 
 SOCK_INFO = struct.Struct("<QQQ16s16sHHHBBII16s8x")  # struct sock_info, 96 bytes
+_COUNTS = struct.Struct("<QQQ68xI")  # id, sent, received ... version
 _CHANGED_IN = struct.Struct("<88xI")  # struct sock_info.changed_in
 
 
@@ -169,11 +170,25 @@ class SampleDecoder:
         has seen the new one. Otherwise a new sample, as :meth:`decode` makes it.
         ``refresh(raw with 150 bytes sent, {7: sample with 100})`` -> ``(that sample, now
         150, True)``.
+
+        The kernel bumps an entry's version after every change but the counters. A sample
+        compared whole and found unchanged at the version it was read at is *settled*: while
+        the version stays, only the counters are read. Not before: an entry read while the
+        kernel was changing it may look half changed at the new version, so one more whole
+        comparison at that version comes first.
         """
+        sid, sent, received, version = _COUNTS.unpack_from(raw, offset)
+        before = previous.get(sid)
+        if before is not None and before.settled and before.kernel_version == version:
+            if before.sent_bytes == sent and before.received_bytes == received:
+                return before, False
+            before.sent_bytes, before.received_bytes = sent, received
+            return before, True
         fields = SOCK_INFO.unpack_from(raw, offset)
-        before = previous.get(fields[0])
         if before is None:
-            return self._build(fields, None), True
+            sample = self._build(fields, None)
+            sample.kernel_version = version
+            return sample, True
         (_, sent, received, local, remote, local_port, remote_port, family, role, flags, netns,
          tgid, comm) = fields  # fmt: skip
         texts = self._addresses.get(family)
@@ -190,7 +205,11 @@ class SampleDecoder:
             and before.comm == self._comms.get(comm)
         )
         if not same:  # anything but the counters changed (or a text is not cached yet)
-            return self._build(fields, before), True
+            sample = self._build(fields, before)
+            sample.kernel_version = version
+            return sample, True
+        before.settled = before.kernel_version == version
+        before.kernel_version = version
         if before.sent_bytes == sent and before.received_bytes == received:
             return before, False
         before.sent_bytes, before.received_bytes = sent, received

@@ -421,3 +421,35 @@ def test_bytes_after_a_read_in_the_round_that_marked_them_come_with_the_next_pol
         finally:
             client.close()
             server.close()
+
+
+def test_a_settled_live_socket_shows_its_close_at_the_next_poll(harness):
+    """A client socket whose reads found nothing but its counters changed (settled: later
+    reads take its counters only), then reset by its peer while its application still holds
+    it: the next poll shows it CLOSED with the bytes it read (the kernel bumps the entry's
+    version at TCP_CLOSE)."""
+    from agent.model import SocketFlag
+
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        port = client.getsockname()[1]
+
+        def client_sample():
+            for sample in harness.tracer.poll().live:
+                if sample.local.port == port and sample.remote.port == lsock.getsockname()[1]:
+                    return sample
+            raise AssertionError("client socket not live")
+
+        for _ in range(3):  # read new, compared whole and settled, read for counters
+            send_exact(server, 1000)
+            recv_exact(client, 1000)
+            settled = client_sample()
+        assert settled.settled and not settled.flags & SocketFlag.CLOSED
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        server.close()
+        time.sleep(0.05)
+        closed = client_sample()
+        assert closed.flags & SocketFlag.CLOSED
+        assert closed.received_bytes == 3000
+        client.close()
+    harness.settle()

@@ -291,3 +291,42 @@ def test_sample_decoder_caches_stay_bounded() -> None:
         )
         assert decoder.decode(bytes(info), {}).local == Endpoint(f"198.18.0.{port}", port)
     assert len(decoder._addresses[AF_INET]) <= 4 and len(decoder._comms) <= 4
+
+
+def test_a_settled_sample_is_read_for_its_counters_until_the_version_moves() -> None:
+    """Compared whole and unchanged at its version, a sample is settled: later reads at that
+    version update the counters only (the kernel bumps the version with every other change),
+    and a new version brings a whole comparison again."""
+    decoder = SampleDecoder()
+    info = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000))
+    first = decoder.decode(bytes(info), {})
+    known = {first.socket_id: first}
+    assert decoder.refresh(bytes(info), known) == (first, False)
+    assert first.settled
+    info.sent += 5
+    info.comm = b"unbumped"  # not a change the kernel makes without a new version
+    sample, moved = decoder.refresh(bytes(info), known)
+    assert moved and sample is first and first.sent_bytes == info.sent
+    assert first.comm == "curl"
+    info.version += 1
+    sample, moved = decoder.refresh(bytes(info), known)
+    assert moved and sample is not first and sample.comm == "unbumped"
+    assert not sample.settled and sample.kernel_version == info.version
+
+
+def test_a_read_torn_by_a_change_is_compared_again_at_its_new_version() -> None:
+    """An entry read while the kernel changed it: the old flags with the new version. The
+    next read at that version still compares everything, and finds the new flags."""
+    decoder = SampleDecoder()
+    info = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000))
+    first = decoder.decode(bytes(info), {})
+    known = {first.socket_id: first}
+    decoder.refresh(bytes(info), known)  # settled at version 0
+    info.version = 1  # torn: the version bump seen, the flag change not yet
+    assert decoder.refresh(bytes(info), known) == (first, False)
+    assert not first.settled
+    info.flags = 1 | 2  # CLOSED, as the kernel wrote it before the bump
+    sample, moved = decoder.refresh(bytes(info), known)
+    assert moved and sample.flags == SocketFlag.OPENED | SocketFlag.CLOSED
+    known[sample.socket_id] = sample
+    assert decoder.refresh(bytes(info), known) == (sample, False) and sample.settled
