@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.ebpf.backends import LIFECYCLE_TRACEPOINTS
 from agent.ebpf.syscalls import program_run_stats
 from bench.accuracy import compare, exact_fraction
 from bench.figures import Figure, Target
@@ -368,7 +369,7 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
     )
 
 
-LIFECYCLE_PREFIXES = ("on_set_state", "on_destroy")
+LIFECYCLE_FUNCTIONS = frozenset(function for _, function in LIFECYCLE_TRACEPOINTS)
 
 
 def _program_delta(
@@ -393,33 +394,39 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
     ratios (its cache and memory contention still do). The count includes two clock reads
     per run: an empty program attached to the send/recv tracepoints beside tcpacct's shows
     what the count gives a program that does nothing, and that much per run is taken off.
-    The tracepoint's dispatch is not in the count (the empty-program figure gives it)."""
+    The tracepoint's dispatch is not in the count (the empty-program figure gives it).
+    Without the send/recv tracepoints (backends other than ``tracepoint``) nothing is taken
+    off, and the figures say so."""
     per_call: list[float] = []
     empty_per_run: list[float] = []
     per_connection_counted: list[float] = []
     runs_per_connection: list[float] = []
     churn_programs: dict[str, dict[str, int]] = {}
     misses = 0
-    empty = _empty_program()
-    empty_fd = empty.load_func("on_any", empty.RAW_TRACEPOINT).fd  # attaching reuses it
+    empty = _empty_program() if backend == "tracepoint" else None
+    empty_fd = empty.load_func("on_any", empty.RAW_TRACEPOINT).fd if empty else -1  # reused
     _on(probe)
     probe.request({"cmd": "run_time_stats", "on": True})
     try:
         for _ in range(plan.program_time_rounds):
-            for tracepoint in FLOOR_TRACEPOINTS:
+            for tracepoint in FLOOR_TRACEPOINTS if empty else ():
                 empty.attach_raw_tracepoint(tp=tracepoint, fn_name="on_any")
             try:
-                before, empty_before = _programs(probe), program_run_stats(empty_fd)
+                before = _programs(probe)
+                empty_before = program_run_stats(empty_fd) if empty else None
                 moved = send_recv(plan.send_recv_calls, LOOP_CPU, plan.loop_blocks)
                 gained = _program_delta(before, _programs(probe))
-                empty_after = program_run_stats(empty_fd)
+                empty_after = program_run_stats(empty_fd) if empty else None
             finally:
-                for tracepoint in FLOOR_TRACEPOINTS:
+                for tracepoint in FLOOR_TRACEPOINTS if empty else ():
                     empty.detach_raw_tracepoint(tp=tracepoint)
-            empty_runs = empty_after.runs - empty_before.runs
-            floor = (empty_after.run_ns - empty_before.run_ns) / empty_runs if empty_runs else 0
+            floor = 0.0
+            if empty_before is not None and empty_after is not None:
+                empty_runs = empty_after.runs - empty_before.runs
+                if empty_runs:
+                    floor = (empty_after.run_ns - empty_before.run_ns) / empty_runs
             empty_per_run.append(floor)
-            data = [c for n, c in gained.items() if not n.startswith(LIFECYCLE_PREFIXES)]
+            data = [c for n, c in gained.items() if n not in LIFECYCLE_FUNCTIONS]
             calls = 2 * moved.operations
             per_call.append(sum(c["run_ns"] for c in data) / calls - floor)
             before = _programs(probe)
@@ -436,7 +443,8 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
                 into["runs"] += counts["runs"]
     finally:
         probe.request({"cmd": "run_time_stats", "on": False})
-        empty.cleanup()
+        if empty:
+            empty.cleanup()
     per_connection = [
         counted - runs * floor / 1000
         for counted, runs, floor in zip(
@@ -449,7 +457,9 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
         "are read before and after the workload (bpf_prog_info). Less, per run, what the "
         f"statistics count for `{EMPTY_PROGRAM}` attached to sock_send_length and "
         "sock_recv_length in the same send/recv round (their two clock reads: "
-        "details.counted_ns_per_empty_run). The tracepoint's dispatch is not in the figure "
+        "details.counted_ns_per_empty_run; 0 where the backend is not `tracepoint`: "
+        "those kernels may lack the two tracepoints, and the clock reads stay in). The "
+        "tracepoint's dispatch is not in the figure "
         "(the empty-program figure gives it); other processes' socket calls in the same "
         "seconds count too."
     )

@@ -128,9 +128,10 @@ def measure_k8s_cache(rounds: int = 3) -> tuple[list[Figure], list[Omitted]]:
         reason = f"tests/support/k8s_api_server.py is not importable ({error})"
         return [], [Omitted("k8s.cache", "Kubernetes cache", reason)]
     runs = []
-    with KubernetesApiServer(bookmark_interval=60.0) as server, tempfile.TemporaryDirectory(
-        prefix="bench-k8s-"
-    ) as tmp:
+    with (
+        KubernetesApiServer(bookmark_interval=60.0) as server,
+        tempfile.TemporaryDirectory(prefix="bench-k8s-") as tmp,
+    ):
         populate(server)
         kubeconfig = server.write_kubeconfig(Path(tmp) / "kubeconfig")
         for _ in range(rounds):

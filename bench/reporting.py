@@ -165,24 +165,34 @@ def why(figure: Figure) -> str:
 
 def _churn_kernel_budget(figure: Figure) -> str:
     """The churn's kernel side from the kernel's own counters: what a connection costs in
-    tcpacct's programs and their dispatch, against what 0.99 of agent-off would allow."""
+    tcpacct's programs and their dispatch, against what the target ratio of agent-off
+    would allow."""
     d = figure.details
     needed = ("bpf_us_per_connection", "program_runs_per_connection", "dispatch_ns_per_run")
-    if figure.off is None or not figure.off.median or not all(k in d for k in needed):
+    target = figure.target
+    if target is None or figure.off is None or not figure.off.median:
+        return ""
+    if not all(k in d for k in needed):
         return ""
     runs = d["program_runs_per_connection"]
-    dispatch_us = runs * d["dispatch_ns_per_run"] / 1000
+    dispatch_ns = d["dispatch_ns_per_run"]
+    if dispatch_ns > 0:
+        dispatch = f"{dispatch_ns:.0f} ns per run, the empty program's"
+    else:  # the empty-program ratio came out at or below zero: noise swamped it
+        dispatch = f"the empty program's {dispatch_ns:.0f} ns per run is noise, 0 taken"
+        dispatch_ns = 0.0
+    dispatch_us = runs * dispatch_ns / 1000
     kernel_us = d["bpf_us_per_connection"] + dispatch_us
     off_us = 1e6 / figure.off.median
     at_most = off_us / (off_us + kernel_us)
-    budget_us = off_us * (1 / 0.99 - 1)
+    budget_us = off_us * (1 / target.bound - 1)
     return (
         f"per connection the kernel runs tcpacct's programs {runs:.0f} times (both ends, "
         f"lifecycle twins included): {d['bpf_us_per_connection']:.1f} us inside them (the "
-        f"kernel's count) + ~{dispatch_us:.1f} us of dispatch ({d['dispatch_ns_per_run']:.0f} "
-        f"ns per run, the empty program's) = {kernel_us:.1f} us on a connection's "
-        f"{off_us:.0f} us agent-off, so the hooks alone keep at most ~{at_most:.3f}; 0.99 "
-        f"leaves {budget_us:.1f} us per connection for kernel and agent together"
+        f"kernel's count) + ~{dispatch_us:.1f} us of dispatch ({dispatch}) "
+        f"= {kernel_us:.1f} us on a connection's "
+        f"{off_us:.0f} us agent-off, so the hooks alone keep at most ~{at_most:.3f}; "
+        f"{target.bound} leaves {budget_us:.1f} us per connection for kernel and agent together"
     )
 
 

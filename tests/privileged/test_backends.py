@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.ebpf.backends import BackendUnavailable
+from agent.ebpf.backends import LIFECYCLE_TRACEPOINTS, BackendUnavailable
 from agent.ebpf.compiled import read_cached
 from agent.ebpf.syscalls import ProgramRunStats, enable_run_time_stats
 from agent.ebpf.tracing import Capacities, compile_only, open_tracer
 
-LIFECYCLE = ("on_set_state", "on_destroy")
+LIFECYCLE = frozenset(function for _, function in LIFECYCLE_TRACEPOINTS)
 
 
 @pytest.mark.parametrize("backend", ["tracepoint", "fentry", "kprobe"])
@@ -166,7 +166,7 @@ def test_the_kernel_counts_program_runs_only_while_run_time_stats_are_on(tracer)
     calls may add), and none once the statistics' fd is closed."""
 
     def data_path(stats: dict[str, ProgramRunStats]) -> tuple[int, int]:
-        chosen = [s for name, s in stats.items() if not name.startswith(LIFECYCLE)]
+        chosen = [s for name, s in stats.items() if name not in LIFECYCLE]
         return sum(s.runs for s in chosen), sum(s.run_ns for s in chosen)
 
     stats_fd = enable_run_time_stats()

@@ -187,3 +187,10 @@ def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
         "hooks_only_ratio": 0.91, "agent_over_hooks": 0.95,
     }})  # fmt: skip
     assert why(without).endswith("both cost here")
+    noisy = Figure(**{**{f: getattr(churn, f) for f in churn.__slots__}, "details": {
+        **churn.details, "dispatch_ns_per_run": -338.0,
+    }})  # fmt: skip
+    text = why(noisy)
+    assert "~0.0 us of dispatch (the empty program's -338 ns per run is noise" in text
+    assert "= 6.0 us on a connection's 100 us agent-off" in text
+    assert "keep at most ~0.943" in text  # 100 / 106
