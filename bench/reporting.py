@@ -27,6 +27,7 @@ GROUP_TITLES = {
     "cost": "3. Agent cost",
     "peer": "4. The peer: bcc's tcplife",
     "k8s": "5. Kubernetes cache",
+    "design": "6. Design candidates for the per-call cost (the kernel's count)",
 }
 
 

@@ -1,6 +1,6 @@
 """``make bench``: every figure of issue 8 in one run -> bench/results.{md,json}.
 
-``python -m bench.run [--quick] [--only datapath,peer,cost,serving,k8s]``. ``--quick`` takes
+``python -m bench.run [--quick] [--only datapath,peer,cost,serving,k8s,design]``. ``--quick`` takes
 fewer and shorter rounds (a smoke run of the machinery, not figures to quote). A part that
 fails is reported as omitted, with the error, and the run goes on.
 """
@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.agent_cost import CostPlan, measure_cost
-from bench.datapath import DatapathPlan, measure_datapath, measure_peer
+from bench.datapath import LOOP_CPU, DatapathPlan, measure_datapath, measure_peer
+from bench.design import measure_candidates
 from bench.figures import Figure, Omitted, figure_from_dict
 from bench.k8s_cache import measure_k8s_cache
 from bench.machine import describe_machine
@@ -30,7 +31,7 @@ from bench.serving_cost import measure_scrape, measure_startup
 log = logging.getLogger("bench")
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("datapath", "peer", "cost", "serving", "k8s")
+PARTS = ("datapath", "peer", "cost", "serving", "k8s", "design")
 BACKENDS_REFUSED = {
     "fentry": "fentry/fexit programs are refused by this kernel (EPERM)",
     "kprobe": "kprobes are not built into this kernel",
@@ -105,6 +106,10 @@ def run(parts: tuple[str, ...], quick: bool, out_dir: Path) -> tuple[Path, Path]
             return found
 
         _guarded("k8s", figures, omitted, k8s)
+    if "design" in parts:
+        _guarded("design", figures, omitted,
+                 lambda: measure_candidates(datapath_plan.program_time_rounds,
+                                            datapath_plan.send_recv_calls, LOOP_CPU))  # fmt: skip
     for name, reason in BACKENDS_REFUSED.items():
         omitted.append(Omitted(f"datapath.backend_{name}", f"{name} backend", reason))
     machine = {
@@ -134,7 +139,8 @@ def render(out_dir: Path) -> Path:
     document = json.loads((out_dir / "results.json").read_text())
     figures = [figure_from_dict(k, v) for k, v in document["figures"].items()]
     omitted = [Omitted(k, v["title"], v["reason"]) for k, v in document["omitted"].items()]
-    order = {part: i for i, part in enumerate(("datapath", "accuracy", "cost", "peer", "k8s"))}
+    groups = ("datapath", "accuracy", "cost", "peer", "k8s", "design")
+    order = {part: i for i, part in enumerate(groups)}
     figures.sort(key=lambda f: order.get(f.group, 99))
     machine = document["machine"]
     md_path = out_dir / "results.md"

@@ -215,6 +215,15 @@ class Btf:
         """Whether a named type of that kind exists: ``has(KIND_FUNC, "tcp_sendpage")``."""
         return self._lookup(kind, name) is not None
 
+    def tracepoint_type_id(self, tracepoint: str) -> int:
+        """The id a BTF-typed tracepoint program attaches to: that of the typedef
+        ``btf_trace_<tracepoint>`` (``"sock_send_length"`` -> the id of
+        ``btf_trace_sock_send_length``)."""
+        type_id = self._lookup(KIND_TYPEDEF, f"btf_trace_{tracepoint}")
+        if type_id is None:
+            raise BtfError(f"tracepoint {tracepoint} has no btf_trace_ typedef in BTF")
+        return type_id
+
     def function_arity(self, function: str) -> int:
         """Number of parameters of a kernel function: ``"tcp_recvmsg"`` -> 5 on 6.1."""
         func_id = self._lookup(KIND_FUNC, function)

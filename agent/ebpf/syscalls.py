@@ -33,6 +33,8 @@ BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
 
 BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+BPF_PROG_TYPE_TRACING = 26  # with BPF_TRACE_RAW_TP: a BTF-typed tracepoint (tp_btf)
+BPF_TRACE_RAW_TP = 23
 BPF_PSEUDO_MAP_FD = 1
 BPF_LD_IMM64 = 0x18  # BPF_LD | BPF_DW | BPF_IMM
 
@@ -125,7 +127,17 @@ class _ProgLoadAttr(ctypes.Structure):
         ("kern_version", ctypes.c_uint32),
         ("prog_flags", ctypes.c_uint32),
         ("prog_name", ctypes.c_char * 16),
-        ("_pad", ctypes.c_uint8 * (_ATTR_SIZE - 64)),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("func_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("line_info_cnt", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint8 * (_ATTR_SIZE - 112)),
     ]
 
 
@@ -228,8 +240,20 @@ def create_map(
     return bpf(BPF_MAP_CREATE, attr)
 
 
-def load_program(name: str, prog_type: int, instructions: bytes, license: str = "GPL") -> int:
-    """A verified program's fd; on refusal, OSError whose text ends with the verifier log."""
+def load_program(
+    name: str,
+    prog_type: int,
+    instructions: bytes,
+    license: str = "GPL",
+    *,
+    expected_attach_type: int = 0,
+    attach_btf_id: int = 0,
+) -> int:
+    """A verified program's fd; on refusal, OSError whose text ends with the verifier log.
+
+    A BTF-typed tracepoint program is ``prog_type=BPF_PROG_TYPE_TRACING``,
+    ``expected_attach_type=BPF_TRACE_RAW_TP`` and ``attach_btf_id`` the kernel BTF id of
+    the tracepoint's ``btf_trace_<name>`` typedef (``Btf.tracepoint_type_id``)."""
     insns = ctypes.create_string_buffer(instructions, len(instructions))
     licence = ctypes.create_string_buffer(license.encode())
     attr = _ProgLoadAttr(
@@ -238,6 +262,8 @@ def load_program(name: str, prog_type: int, instructions: bytes, license: str = 
         insns=ctypes.addressof(insns),
         license=ctypes.addressof(licence),
         prog_name=name.encode()[:15],
+        expected_attach_type=expected_attach_type,
+        attach_btf_id=attach_btf_id,
     )
     try:
         return bpf(BPF_PROG_LOAD, attr)
@@ -253,10 +279,12 @@ def load_program(name: str, prog_type: int, instructions: bytes, license: str = 
         raise OSError(error.errno, f"{error.strerror}: " + "\n".join(tail)) from None
 
 
-def open_raw_tracepoint(tracepoint: str, program_fd: int) -> int:
-    """Attach a raw tracepoint program; the attachment lives as long as the returned fd."""
-    name = ctypes.create_string_buffer(tracepoint.encode())
-    attr = _RawTracepointAttr(name=ctypes.addressof(name), prog_fd=program_fd)
+def open_raw_tracepoint(tracepoint: str | None, program_fd: int) -> int:
+    """Attach a raw tracepoint program; the attachment lives as long as the returned fd.
+
+    ``tracepoint`` None attaches a BTF-typed tracepoint program where its load named it."""
+    name = ctypes.create_string_buffer(tracepoint.encode()) if tracepoint else None
+    attr = _RawTracepointAttr(name=ctypes.addressof(name) if name else 0, prog_fd=program_fd)
     return bpf(BPF_RAW_TRACEPOINT_OPEN, attr)
 
 

@@ -201,6 +201,17 @@ def test_function_presence(kernel) -> None:
         btf.function_arity("tcp_sendpage")
 
 
+def test_tracepoint_type_id_is_the_btf_trace_typedef() -> None:
+    writer = BtfWriter()
+    u32 = writer.int("unsigned int", 4)
+    writer.typedef("sock_send_length", u32)  # not what a tp_btf program attaches to
+    wanted = writer.typedef("btf_trace_sock_send_length", u32)
+    btf = Btf(writer.bytes())
+    assert btf.tracepoint_type_id("sock_send_length") == wanted
+    with pytest.raises(BtfError, match=r"^tracepoint sock_recv_length has no btf_trace_"):
+        btf.tracepoint_type_id("sock_recv_length")
+
+
 # -- malformed input -----------------------------------------------------------------------------
 
 
