@@ -404,21 +404,22 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
     churn_programs: dict[str, dict[str, int]] = {}
     misses = 0
     empty = _empty_program() if backend == "tracepoint" else None
-    empty_fd = empty.load_func("on_any", empty.RAW_TRACEPOINT).fd if empty else -1  # reused
+    # (a bcc BPF object is falsy - it has a length, its tables' - hence `is not None`)
+    empty_fd = -1 if empty is None else empty.load_func("on_any", empty.RAW_TRACEPOINT).fd
     _on(probe)
     probe.request({"cmd": "run_time_stats", "on": True})
     try:
         for _ in range(plan.program_time_rounds):
-            for tracepoint in FLOOR_TRACEPOINTS if empty else ():
+            for tracepoint in FLOOR_TRACEPOINTS if empty is not None else ():
                 empty.attach_raw_tracepoint(tp=tracepoint, fn_name="on_any")
             try:
                 before = _programs(probe)
-                empty_before = program_run_stats(empty_fd) if empty else None
+                empty_before = program_run_stats(empty_fd) if empty is not None else None
                 moved = send_recv(plan.send_recv_calls, LOOP_CPU, plan.loop_blocks)
                 gained = _program_delta(before, _programs(probe))
-                empty_after = program_run_stats(empty_fd) if empty else None
+                empty_after = program_run_stats(empty_fd) if empty is not None else None
             finally:
-                for tracepoint in FLOOR_TRACEPOINTS if empty else ():
+                for tracepoint in FLOOR_TRACEPOINTS if empty is not None else ():
                     empty.detach_raw_tracepoint(tp=tracepoint)
             floor = 0.0
             if empty_before is not None and empty_after is not None:
@@ -443,7 +444,7 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
                 into["runs"] += counts["runs"]
     finally:
         probe.request({"cmd": "run_time_stats", "on": False})
-        if empty:
+        if empty is not None:
             empty.cleanup()
     per_connection = [
         counted - runs * floor / 1000
