@@ -16,13 +16,24 @@
 //
 // Required cflags: MAX_SOCKETS, MAX_CLOSED, MAX_LISTENERS, OFF_SKC_DADDR, OFF_SKC_RCV_SADDR,
 // OFF_SKC_DPORT, OFF_SKC_FAMILY, OFF_SKC_NET, OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR,
-// OFF_SK_PROTOCOL, OFF_INET_SPORT, OFF_NET_NS_INUM.
+// OFF_SK_PROTOCOL, OFF_INET_SPORT, OFF_NET_NS_INUM. Optional: SLOTS (below; Linux >= 5.12).
 //
 // Invariant: no byte counted here is lost or counted twice. A socket's entry lives in
 // `socks` (keyed by its struct sock address) from first sight until tcp_destroy_sock, when
 // it is removed and its final counts move to `closed` (keyed by its unique id) for user
 // space to drain. If `closed` is full, the final counts go to the SPILLED counters; if
 // `socks` is full, bytes go to the UNTRACKED counters. Nothing is dropped silently.
+//
+// The hot path (every send and receive) does not look `socks` up: a tracked socket also
+// gets a slot in the `slots` array, found from its address by open addressing (at most
+// SLOT_PROBES slots from its home, lookups the verifier inlines; a hash-map lookup costs
+// ~10x more here, bench figure design.hot_path_ns). The bytes it moves are added to its
+// slot; its entry in `socks` keeps identity, version and any bytes counted before it had a
+// slot. A socket's counts are entry + slot: user space adds them while the slot still
+// names the entry (slot.sk and slot.id), and retire() adds them into the final record
+// before the slot is freed. A socket that finds no free slot counts in its entry as before,
+// and so does every socket when SLOTS is not defined (kernels without compare-and-swap on
+// map values, before 5.12).
 
 #define TCPACCT_AF_INET 2
 #define TCPACCT_AF_INET6 10
@@ -74,6 +85,18 @@ struct sock_info {
     char comm[16];
     u32 changed_in;    // the poll round in which the entry last went into `changed`
     u32 version;       // bumped after every change of the fields above but the counters
+    u32 slot;          // index + 1 of the socket's slot in `slots`; 0: none
+    u32 spare;
+};
+
+// A tracked socket's counters while it has a slot (shared with agent/ebpf/decoding.py).
+struct slot {
+    u64 sk;            // the owner's struct sock address; 0: free
+    u64 id;            // the owner's sock_info.id; 0 while being handed out or freed
+    u64 sent;
+    u64 received;
+    u32 changed_in;    // as sock_info.changed_in, for marks made through the slot
+    u32 needs_process; // the owner's entry has no process yet: take the slow path
 };
 
 struct listener_key {
@@ -99,6 +122,15 @@ BPF_ARRAY(next_id, u64, 1);
 // follows the bump sees every byte whose mark it skipped.
 BPF_ARRAY(poll_round, u32, 1);
 BPF_HASH(changed, u64, u8, MAX_SOCKETS);
+#ifdef SLOTS
+// SLOTS: a power of two, at least twice MAX_SOCKETS (the tracer chooses it). Memory-mapped
+// by user space, which reads the counters without a system call.
+#define TCPACCT_F_MMAPABLE (1U << 10)
+#ifndef SLOT_PROBES
+#define SLOT_PROBES 8
+#endif
+BPF_F_TABLE("array", u32, struct slot, slots, SLOTS, TCPACCT_F_MMAPABLE);
+#endif
 
 static __always_inline void count(u32 index, u64 value)
 {
@@ -107,17 +139,115 @@ static __always_inline void count(u32 index, u64 value)
         __sync_fetch_and_add(counter, value); // a softirq may interrupt us on this CPU
 }
 
-static __always_inline void mark_changed(u64 key, struct sock_info *entry)
+static __always_inline void mark_round(u64 key, u32 *changed_in)
 {
     int zero = 0;
     u32 *round = poll_round.lookup(&zero);
-    if (!round || entry->changed_in == *round)
+    if (!round || *changed_in == *round)
         return;
-    entry->changed_in = *round;
+    *changed_in = *round;
     u8 one = 1;
     if (changed.update(&key, &one) != 0)
         count(C_CHANGES_LOST, 1);
 }
+
+static __always_inline void mark_changed(u64 key, struct sock_info *entry)
+{
+    mark_round(key, &entry->changed_in);
+}
+
+#ifdef SLOTS
+// Fibonacci hashing of the address without its low bits (sockets are at least 64-byte
+// aligned): the first of the SLOT_PROBES slots a socket's slot may be in.
+static __always_inline u32 slot_home(u64 key)
+{
+    return (u32)((key >> 6) * 11400714819323198485ull >> 32);
+}
+
+// The slot whose owner is the socket at `key`, or NULL.
+static __always_inline struct slot *find_slot(u64 key)
+{
+    u32 home = slot_home(key);
+#pragma unroll
+    for (int i = 0; i < SLOT_PROBES; i++) {
+        u32 index = (home + i) & (SLOTS - 1);
+        struct slot *slot = slots.lookup(&index);
+        if (!slot)
+            return NULL;
+        if (slot->sk == key)
+            return slot;
+    }
+    return NULL;
+}
+
+// The entry's own slot: NULL when it has none or the slot no longer names it.
+static __always_inline struct slot *slot_of(u64 key, struct sock_info *entry)
+{
+    if (!entry->slot)
+        return NULL;
+    u32 index = entry->slot - 1;
+    struct slot *slot = slots.lookup(&index);
+    if (!slot || slot->sk != key || slot->id != entry->id)
+        return NULL;
+    return slot;
+}
+
+static __always_inline void add_to_slot(u64 key, struct slot *slot, u64 bytes, int direction)
+{
+    if (direction == DIR_SENT)
+        __sync_fetch_and_add(&slot->sent, bytes);
+    else
+        __sync_fetch_and_add(&slot->received, bytes);
+    mark_round(key, &slot->changed_in);
+}
+
+// Hand a new entry a slot: a free one near its home, claimed with compare-and-swap. A slot
+// still naming this address belongs to an entry that is gone (or raced with this one): it
+// is taken over, and what it counted moves into the entry, so no byte is lost. No slot:
+// the entry counts by itself. A free slot's counters are already zero (free_slot).
+static __always_inline void give_slot(u64 key, struct sock_info *entry)
+{
+    u32 home = slot_home(key);
+#pragma unroll
+    for (int i = 0; i < SLOT_PROBES; i++) {
+        u32 index = (home + i) & (SLOTS - 1);
+        struct slot *slot = slots.lookup(&index);
+        if (!slot)
+            return;
+        if (slot->sk == key) {
+            __sync_fetch_and_add(&entry->sent, __sync_lock_test_and_set(&slot->sent, 0));
+            __sync_fetch_and_add(&entry->received,
+                                 __sync_lock_test_and_set(&slot->received, 0));
+        } else if (slot->sk != 0 || __sync_val_compare_and_swap(&slot->sk, 0, key) != 0) {
+            continue;
+        }
+        slot->needs_process = 1;
+        slot->changed_in = 0;
+        __sync_lock_test_and_set(&slot->id, entry->id); // visible before entry->slot is
+        entry->slot = index + 1;
+        return;
+    }
+}
+
+// Free a slot whose counts were taken. The owner's id goes first, the counters after it:
+// user space reads a slot's counters before its id (agent/ebpf/decoding.py fold_slot), so
+// an id it still finds was read after counters that were not zeroed yet. The address last.
+static __always_inline void free_slot(struct slot *slot)
+{
+    __sync_lock_test_and_set(&slot->id, 0);
+    __sync_lock_test_and_set(&slot->sent, 0);
+    __sync_lock_test_and_set(&slot->received, 0);
+    slot->changed_in = 0;
+    slot->needs_process = 1;
+    __sync_lock_test_and_set(&slot->sk, 0);
+}
+#else
+static __always_inline struct slot *find_slot(u64 key) { return NULL; }
+static __always_inline struct slot *slot_of(u64 key, struct sock_info *entry) { return NULL; }
+static __always_inline void add_to_slot(u64 key, struct slot *slot, u64 bytes, int direction) {}
+static __always_inline void give_slot(u64 key, struct sock_info *entry) {}
+static __always_inline void free_slot(struct slot *slot) {}
+#endif
 
 // Every change of an entry's identity, role, flags or process ends here: while the version
 // stays, user space updates only the counters of a sample it has already compared whole
@@ -183,6 +313,20 @@ static __always_inline struct process_info *listener_of(void *sk)
     return listeners.lookup(&key);
 }
 
+// A socket's key in `socks` and `slots`: its address as a number. fentry arguments are
+// typed pointers, on which the verifier allows no shifts, comparisons or stores into maps,
+// so there the address is read as plain bytes.
+static __always_inline u64 sock_key(void *sk)
+{
+#ifdef BACKEND_FENTRY
+    u64 key = 0;
+    bpf_probe_read_kernel(&key, sizeof(key), &sk);
+    return key;
+#else
+    return (u64)sk;
+#endif
+}
+
 // Start tracking a socket. Returns its entry, or NULL when the map is full.
 static __always_inline struct sock_info *track(void *sk, u8 role, u8 flags)
 {
@@ -195,7 +339,7 @@ static __always_inline struct sock_info *track(void *sk, u8 role, u8 flags)
     info.role = role;
     info.flags = flags;
     read_identity(sk, &info);
-    u64 key = (u64)sk;
+    u64 key = sock_key(sk);
     if (socks.insert(&key, &info) != 0) {
         struct sock_info *raced = socks.lookup(&key); // created on another CPU meanwhile
         if (!raced)
@@ -203,8 +347,10 @@ static __always_inline struct sock_info *track(void *sk, u8 role, u8 flags)
         return raced;
     }
     struct sock_info *entry = socks.lookup(&key);
-    if (entry)
+    if (entry) {
+        give_slot(key, entry);
         mark_changed(key, entry);
+    }
     return entry;
 }
 
@@ -215,7 +361,15 @@ static __always_inline void retire(u64 key, struct sock_info *entry)
     struct sock_info final = {};
     __builtin_memcpy(&final, entry, sizeof(final));
     final.flags |= F_CLOSED | F_DESTROYED;
+    struct slot *slot = slot_of(key, entry);
+    if (slot) {
+        final.sent += slot->sent;
+        final.received += slot->received;
+    }
+    final.slot = 0;
     socks.delete(&key);
+    if (slot) // after the delete: a reader that saw the entry finds the slot still its own
+        free_slot(slot);
     if (closed.insert(&final.id, &final) != 0) {
         count(C_SPILLED_SENT, final.sent);
         count(C_SPILLED_RECEIVED, final.received);
@@ -223,21 +377,29 @@ static __always_inline void retire(u64 key, struct sock_info *entry)
     }
 }
 
-// The hot path: one map lookup when the socket is tracked.
+// The hot path: a few inlined array lookups when the socket has a slot.
 static __always_inline void count_bytes(void *sk, u64 bytes, int direction)
 {
-    u64 key = (u64)sk;
-    struct sock_info *entry = socks.lookup(&key);
-    if (!entry) {
+    u64 key = sock_key(sk);
+    struct slot *slot = find_slot(key);
+    if (slot && !slot->needs_process) {
+        add_to_slot(key, slot, bytes, direction);
+        return;
+    }
 #ifdef CHECK_PROTOCOL
-        // Socket tracepoints fire for every family; read the socket only on a miss.
+    // Socket tracepoints fire for every family (Unix, UDP, ...): a socket without a slot is
+    // read before `socks` is looked up, which costs more than the read.
+    if (!slot) {
         if (sock_protocol(sk) != TCPACCT_IPPROTO_TCP)
             return;
         u16 family = 0;
         bpf_probe_read_kernel(&family, sizeof(family), sk + OFF_SKC_FAMILY);
         if (family != TCPACCT_AF_INET && family != TCPACCT_AF_INET6)
             return;
+    }
 #endif
+    struct sock_info *entry = socks.lookup(&key);
+    if (!entry) {
         // Older than the agent (or bytes before ESTABLISHED, as with TCP Fast Open):
         // a local listener on its port makes it the server end.
         u8 role = listener_of(sk) ? ROLE_SERVER : ROLE_CLIENT;
@@ -250,6 +412,12 @@ static __always_inline void count_bytes(void *sk, u64 bytes, int direction)
     if (!entry->tgid) {
         set_current_process(entry);
         bump_version(entry);
+    }
+    slot = slot_of(key, entry);
+    if (slot) {
+        slot->needs_process = 0; // the entry has its process: the hot path from now on
+        add_to_slot(key, slot, bytes, direction);
+        return;
     }
     if (direction == DIR_SENT)
         __sync_fetch_and_add(&entry->sent, bytes);

@@ -57,6 +57,12 @@ class BackendPlan:
     cflags: tuple[str, ...] = ()
     hooks: tuple[Hook, ...] = ()
     attached_by_bcc: tuple[str, ...] = field(default=())  # kernel functions (fentry)
+    # the hot path's slots (bpf/tcpacct.c `slots`): compare-and-swap and exchange on map
+    # values (Linux 5.12) and a memory-mapped array (5.5); older kernels count in the hash map
+    slots: bool = True
+
+
+SLOTS_SINCE = (5, 12)
 
 
 def _has_tracepoint(btf: Btf, name: str) -> bool:
@@ -122,7 +128,14 @@ def plan_backend(
     if name == "fentry":
         cflags, sendpage = _tcp_function_cflags(btf, release)
         functions = ("tcp_sendmsg", "tcp_recvmsg", *(("tcp_sendpage",) if sendpage else ()))
-        return BackendPlan(name, "tcpacct.c", ("-DBACKEND_FENTRY=1", *cflags), lifecycle, functions)
+        return BackendPlan(
+            name,
+            "tcpacct.c",
+            ("-DBACKEND_FENTRY=1", *cflags),
+            lifecycle,
+            functions,
+            slots=_kernel_version(release) >= SLOTS_SINCE,
+        )
     if name == "kprobe":
         kprobe_pmu = sys_root / "bus/event_source/devices/kprobe"
         kprobe_events = [
@@ -142,7 +155,13 @@ def plan_backend(
         for function in functions:
             hooks.append(Hook("kprobe", function, f"enter_{function}"))
             hooks.append(Hook("kretprobe", function, f"exit_{function}"))
-        return BackendPlan(name, "tcpacct.c", ("-DBACKEND_KPROBE=1", *cflags), tuple(hooks))
+        return BackendPlan(
+            name,
+            "tcpacct.c",
+            ("-DBACKEND_KPROBE=1", *cflags),
+            tuple(hooks),
+            slots=_kernel_version(release) >= SLOTS_SINCE,
+        )
     raise BackendUnavailable(name, f"unknown backend (choose from {', '.join(BACKENDS)})")
 
 

@@ -22,7 +22,7 @@ FORMAT = 2  # 2: per-CPU maps keep one CPU's value size (format 1 kept all CPUs'
 
 @dataclass(frozen=True, slots=True)
 class MapSpec:
-    """``MapSpec("socks", 1, 8, 96, 65536, 0, 5)``: a hash map of 8-byte keys and 96-byte
+    """``MapSpec("socks", 1, 8, 104, 65536, 0, 5)``: a hash map of 8-byte keys and 104-byte
     values, whose fd was 5 in the compiling process."""
 
     name: str

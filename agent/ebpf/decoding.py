@@ -44,6 +44,8 @@ class SockInfo(ctypes.Structure):
         ("comm", ctypes.c_char * 16),
         ("changed_in", ctypes.c_uint32),
         ("version", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
+        ("spare", ctypes.c_uint32),
     ]
 
 
@@ -81,7 +83,7 @@ def decode_comm(raw: bytes) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-SOCK_INFO = struct.Struct("<QQQ16s16sHHHBBII16s8x")  # struct sock_info, 96 bytes
+SOCK_INFO = struct.Struct("<QQQ16s16sHHHBBII16s16x")  # struct sock_info, 104 bytes
 _COUNTS = struct.Struct("<QQQ68xI")  # id, sent, received ... version
 _CHANGED_IN = struct.Struct("<88xI")  # struct sock_info.changed_in
 
@@ -96,10 +98,49 @@ def changed_in(raw: bytes | memoryview, offset: int = 0) -> int:
 
 def changed_in_column(raw: memoryview) -> Sequence[int]:
     """Every entry's ``changed_in`` in a buffer of whole ``struct sock_info`` entries, as a
-    strided view (no copy): ``changed_in_column(buffer)[3] == changed_in(buffer, 3 * 96)``.
+    strided view (no copy): ``changed_in_column(buffer)[3] == changed_in(buffer, 3 * 104)``.
     """
-    words = raw.cast("B").cast("I")  # u32 words; changed_in is word 22 of each 24
+    words = raw.cast("B").cast("I")  # u32 words; changed_in is word 22 of each 26
     return words[_CHANGED_IN.size // 4 - 1 :: SOCK_INFO.size // 4]
+
+
+SLOT = struct.Struct("<QQQQII")  # struct slot: sk, id, sent, received, changed_in, needs_process
+_SLOT_OWNER = struct.Struct("<QQ")  # sk, id
+_SLOT_COUNTS = struct.Struct("<QQI")  # sent, received, changed_in (at offset 16)
+_ENTRY_FOLD = struct.Struct("<QQQ64xI4xI")  # sock_info id, sent, received, changed_in, slot
+_ENTRY_COUNTS = struct.Struct("<QQ")  # sock_info sent, received (at offset 8)
+_ENTRY_CHANGED_IN_AT = _CHANGED_IN.size - 4
+U32_AT = struct.Struct("<I")
+
+
+def fold_slot(
+    raw: bytearray | memoryview, offset: int, key: int, slots: bytes | memoryview, poll_round: int
+) -> bool:
+    """Add the counts of its slot (``struct slot`` in ``slots``, the kernel's memory-mapped
+    array) into the ``struct sock_info`` at ``offset`` of ``raw``, in place. False when the
+    slot no longer names the entry (its ``sk`` is not ``key`` or its ``id`` not the
+    entry's): the socket was retired after ``raw`` was read, and its final counts are in
+    the closed map. A mark made through the slot in ``poll_round`` is copied too.
+
+    An entry with 5 bytes sent before it had slot 3, whose slot has counted 100 since:
+    ``fold_slot(entry, 0, key, slots, 9)`` -> ``True``, the entry now says 105 sent.
+
+    The slot's counters are read before its owner: the kernel clears the owner before the
+    counters when it frees a slot (bpf/tcpacct.c free_slot), so an owner still found was
+    read after counters that were not zeroed yet (loads are not reordered on x86-64).
+    """
+    sid, sent, received, changed_in, slot = _ENTRY_FOLD.unpack_from(raw, offset)
+    if not slot:
+        return True
+    at = (slot - 1) * SLOT.size
+    slot_sent, slot_received, slot_round = _SLOT_COUNTS.unpack_from(slots, at + 16)
+    owner, owner_id = _SLOT_OWNER.unpack_from(slots, at)
+    if owner != key or owner_id != sid:
+        return False
+    _ENTRY_COUNTS.pack_into(raw, offset + 8, sent + slot_sent, received + slot_received)
+    if slot_round == poll_round and changed_in != poll_round:
+        U32_AT.pack_into(raw, offset + _ENTRY_CHANGED_IN_AT, poll_round)
+    return True
 
 
 _Fields = tuple[Any, ...]  # SOCK_INFO.unpack's answer
@@ -114,7 +155,7 @@ def decode_sample(info: SockInfo) -> SocketSample:
 
 
 def decode_raw(raw: bytes | memoryview) -> SocketSample:
-    """The 96 bytes of a ``struct sock_info`` -> SocketSample (the per-poll hot path).
+    """The 104 bytes of a ``struct sock_info`` -> SocketSample (the per-poll hot path).
 
     id 7, 100 bytes sent, 20 received, 127.0.0.1:5000 -> 127.0.0.1:80, client, OPENED,
     netns 4026531840, pid 42, comm "curl" -> ``SocketSample(7, 100, 20,

@@ -48,6 +48,7 @@ from agent.ebpf.compiling import compile_in_child
 from agent.ebpf.decoding import (
     C_CHANGES_LOST,
     C_COUNT,
+    SLOT,
     SampleDecoder,
     SockInfo,
     changed_in,
@@ -55,6 +56,7 @@ from agent.ebpf.decoding import (
     decode_comm,
     decode_counters,
     encode_port,
+    fold_slot,
 )
 from agent.ebpf.headers import apply_headers, choose_headers
 from agent.ebpf.loading import LoadedProgram
@@ -76,7 +78,7 @@ from agent.model import KernelPoll, ListeningSocket, SocketSample
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-SOCK_INFO_SIZE = ctypes.sizeof(SockInfo)  # 96
+SOCK_INFO_SIZE = ctypes.sizeof(SockInfo)  # 104
 COMPILE_CACHE = Path("/var/cache/tcpacct/bpf")
 MAPS = (
     "socks",
@@ -88,6 +90,13 @@ MAPS = (
     "changed",
     "lifecycle_busy",
 )
+
+
+def _maps(plan: BackendPlan) -> tuple[str, ...]:
+    """The maps of the plan's program: MAPS, and ``slots`` where the kernel has them."""
+    return (*MAPS, "slots") if plan.slots else MAPS
+
+
 LISTENER_KEY = struct.Struct("<IHH")  # struct listener_key
 PROCESS_INFO = struct.Struct("<I16s")  # struct process_info
 U32 = struct.Struct("<I")
@@ -95,9 +104,37 @@ U32 = struct.Struct("<I")
 
 @dataclass(frozen=True, slots=True)
 class Capacities:
+    """Sizes of the kernel maps. ``slots`` (the hot path's array; a power of two) is twice
+    the sockets rounded up when not given, so a socket finds a free slot near its home:
+    ``Capacities(sockets=65536).slots`` -> ``131072``."""
+
     sockets: int = 65536
     closed: int = 65536
     listeners: int = 8192
+    slots: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.slots:
+            object.__setattr__(self, "slots", 1 << max(1, (2 * self.sockets - 1).bit_length()))
+        if self.slots < 2 or self.slots & (self.slots - 1):
+            raise ValueError(f"slots must be a power of two >= 2, not {self.slots}")
+
+
+class _SlotTable:
+    """The kernel's ``slots`` array (bpf/tcpacct.c), memory-mapped read-only: the counters
+    of sockets that have a slot, read without a system call."""
+
+    def __init__(self, map_fd: int, slots: int) -> None:
+        check_sizes(map_fd, 4, SLOT.size)
+        size = -(-slots * SLOT.size // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._pages = mmap.mmap(map_fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        self.view = memoryview(self._pages)
+
+    def close(self) -> None:
+        """Unmap (left to the garbage collector while a caller still holds a slice)."""
+        with contextlib.suppress(BufferError):
+            self.view.release()
+            self._pages.close()
 
 
 class _BatchReader:
@@ -181,9 +218,9 @@ class _BccProgram:
     lifecycle handlers' nested twins) is attached here with bpf(2) and its link fd kept.
     """
 
-    def __init__(self, bpf: object) -> None:
+    def __init__(self, bpf: object, maps: tuple[str, ...]) -> None:
         self._bpf = bpf
-        self.map_fds = {name: bpf[name].map_fd for name in MAPS}  # type: ignore[index]
+        self.map_fds = {name: bpf[name].map_fd for name in maps}  # type: ignore[index]
         self._links: dict[tuple[str, str], int] = {}
         self._by_bcc: set[str] = set()  # raw tracepoints bcc attached
 
@@ -268,6 +305,9 @@ class KernelTracer:
         self._per_cpu = struct.Struct(f"<{self._cpus}Q")
         self._round_table = MapHandle(fds["poll_round"], 4, 4)
         self._listeners = MapHandle(fds["listeners"], LISTENER_KEY.size, PROCESS_INFO.size)
+        # without slots (kernels before 5.12) no entry names one: fold_slot reads nothing
+        self._slot_table = _SlotTable(fds["slots"], capacities.slots) if "slots" in fds else None
+        self._slot_view = self._slot_table.view if self._slot_table else memoryview(b"")
         self._round = 0
         self._seen_lost = self._seen_spilled = -1  # -1: the first poll reads everything
         self._samples: dict[int, SocketSample] = {}  # id -> last decoded sample (live)
@@ -308,11 +348,15 @@ class KernelTracer:
         samples = {}
         changed = []
         refresh, current, carried = self._decoder.refresh, self._round, self._carried
+        slots = self._slot_view
         rounds = changed_in_column(raw)
         for index, key in enumerate(raw_keys.cast("B").cast("Q")):
+            offset = index * SOCK_INFO_SIZE
+            if not fold_slot(raw, offset, key, slots, current):
+                continue  # retired since the read: its final counts are being drained
             if rounds[index] == current:
                 carried.add(key)  # see _read_changed
-            sample, moved = refresh(raw, before, index * SOCK_INFO_SIZE)
+            sample, moved = refresh(raw, before, offset)
             samples[sample.socket_id] = sample
             if moved:
                 changed.append(sample)
@@ -331,14 +375,18 @@ class KernelTracer:
         changed = []
         samples = self._samples
         refresh, current, carried = self._decoder.refresh, self._round, self._carried
+        slots = self._slot_view
         if len(keys) > max(1024, len(samples) // 8):
             raw_keys, raw = self._socks.read(delete=False)
             rounds = changed_in_column(raw)
             for index, key in enumerate(raw_keys.cast("B").cast("Q")):
                 if key in keys:
+                    offset = index * SOCK_INFO_SIZE
+                    if not fold_slot(raw, offset, key, slots, current):
+                        continue  # retired since the read (see _read_everything)
                     if rounds[index] == current:
                         carried.add(key)
-                    sample, moved = refresh(raw, samples, index * SOCK_INFO_SIZE)
+                    sample, moved = refresh(raw, samples, offset)
                     if moved:
                         changed.append(sample)
         else:
@@ -346,6 +394,9 @@ class KernelTracer:
             for key in keys:
                 found = lookup(key.to_bytes(8, "little"))
                 if found is not None:
+                    found = bytearray(found)
+                    if not fold_slot(found, 0, key, slots, current):
+                        continue
                     if changed_in(found) == current:
                         carried.add(key)
                     sample, moved = refresh(found, samples)
@@ -496,6 +547,8 @@ class KernelTracer:
             if self._closed:
                 return
             self._closed = True
+            if self._slot_table is not None:
+                self._slot_table.close()
             self._program.close()
 
 
@@ -505,6 +558,7 @@ def _cflags(plan: BackendPlan, btf: Btf, capacities: Capacities, bpf_dir: Path) 
         f"-DMAX_SOCKETS={capacities.sockets}",
         f"-DMAX_CLOSED={capacities.closed}",
         f"-DMAX_LISTENERS={capacities.listeners}",
+        *([f"-DSLOTS={capacities.slots}"] if plan.slots else []),
         *kernel_layout(btf).cflags(),
         *plan.cflags,
         "-Wno-macro-redefined",
@@ -572,7 +626,7 @@ def compiled_program(
     cflags = _cflags(plan, btf, capacities, bpf_dir)
     functions = sorted({hook.function for hook in plan.hooks})
     key = cache_key(
-        source.read_bytes(), cflags, release, headers, _bcc_version(), *functions, *MAPS
+        source.read_bytes(), cflags, release, headers, _bcc_version(), *functions, *_maps(plan)
     )
     path = cache_dir / f"{plan.name}-{key}.json"
     compiled = read_cached(path)
@@ -594,7 +648,7 @@ def compiled_program(
         out = path if writable else Path(scratch) / path.name
         if not writable:
             log.warning("compile cache %s is not writable: compiling for this run only", cache_dir)
-        compile_in_child(source, cflags, functions, list(MAPS), out)
+        compile_in_child(source, cflags, functions, list(_maps(plan)), out)
         compiled = read_cached(out)
     if compiled is None:
         raise RuntimeError(f"the compiler left no readable program at {out}")
@@ -624,7 +678,7 @@ def _load(
             headers=headers,
         )
         return LoadedProgram(compiled)
-    return _BccProgram(_compile_with_bcc(plan, btf, capacities, bpf_dir))
+    return _BccProgram(_compile_with_bcc(plan, btf, capacities, bpf_dir), _maps(plan))
 
 
 def open_tracer(

@@ -66,7 +66,11 @@ def test_the_tracepoint_program_is_compiled_once_into_the_cache(tmp_path: Path, 
     # per-CPU maps keep one CPU's value size (u64 counters, u32 busy flags), not bcc's
     # every-CPU array: a wrong size would misread CPUs and overrun read buffers
     assert (specs["counters"].value_size, specs["lifecycle_busy"].value_size) == (8, 4)
-    assert (specs["socks"].value_size, specs["changed"].value_size) == (96, 1)
+    assert (specs["socks"].value_size, specs["changed"].value_size) == (104, 1)
+    # the hot path's slots: an array user space memory-maps (BPF_F_MMAPABLE), 2x sockets
+    slots = specs["slots"]
+    assert (slots.map_type, slots.value_size, slots.flags) == (2, 40, 1 << 10)
+    assert slots.max_entries == small.slots
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled although the cache holds the program")

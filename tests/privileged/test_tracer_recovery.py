@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from agent.accounting import Accountant
-from agent.ebpf.decoding import C_COUNT, SOCK_INFO, encode_port
+from agent.ebpf.decoding import C_COUNT, SLOT, SOCK_INFO, encode_port
 from agent.ebpf.syscalls import MapHandle, create_map
 from agent.ebpf.tracing import LISTENER_KEY, PROCESS_INFO, Capacities, KernelTracer
 from agent.model import SocketFlag
@@ -54,6 +54,7 @@ def maps() -> Iterator[dict[str, int]]:
         "closed": create_map(HASH, 8, SOCK_INFO.size, CAPACITY, 0, "t_closed"),
         "counters": create_map(PERCPU_ARRAY, 4, 8, C_COUNT, 0, "t_counters"),
         "poll_round": create_map(ARRAY, 4, 4, 1, 0, "t_round"),
+        "slots": create_map(ARRAY, 4, SLOT.size, Capacities(CAPACITY).slots, 1 << 10, "t_slots"),
         "listeners": create_map(HASH, LISTENER_KEY.size, PROCESS_INFO.size, 64, 0, "t_lst"),
     }
     try:

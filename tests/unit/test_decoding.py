@@ -12,6 +12,8 @@ import pytest
 from agent.ebpf.decoding import (
     AF_INET,
     AF_INET6,
+    SLOT,
+    SOCK_INFO,
     SampleDecoder,
     SockInfo,
     changed_in,
@@ -22,6 +24,7 @@ from agent.ebpf.decoding import (
     decode_port,
     decode_sample,
     encode_port,
+    fold_slot,
 )
 from agent.model import Endpoint, KernelCounters, Role, SocketFlag
 
@@ -156,11 +159,15 @@ def test_decode_sample_keeps_known_flags_only() -> None:
 
 def test_sock_info_layout_matches_the_c_struct() -> None:
     """bpf/tcpacct.c struct sock_info: 3 u64, two 16-byte addresses, ports, family, role,
-    flags, netns, tgid, comm[16], changed_in, reserved -> 96 bytes with natural alignment."""
-    assert ctypes.sizeof(SockInfo) == 3 * 8 + 32 + 2 * 3 + 2 + 4 + 4 + 16 + 4 + 4
+    flags, netns, tgid, comm[16], changed_in, version, slot, spare -> 104 bytes with
+    natural alignment; struct slot: 4 u64 and 2 u32 -> 40."""
+    assert ctypes.sizeof(SockInfo) == 3 * 8 + 32 + 2 * 3 + 2 + 4 + 4 + 16 + 4 + 4 + 4 + 4
+    assert SOCK_INFO.size == ctypes.sizeof(SockInfo)
     assert SockInfo.local_port.offset == 56
     assert SockInfo.comm.offset == 72
     assert SockInfo.changed_in.offset == 88
+    assert SockInfo.slot.offset == 96
+    assert SLOT.size == 40
 
 
 def test_changed_in_reads_the_round_field() -> None:
@@ -178,7 +185,7 @@ def test_changed_in_column_reads_every_entry_of_a_buffer() -> None:
         entries.append(bytes(info))
     column = changed_in_column(memoryview(b"".join(entries)))
     assert list(column) == [100, 101, 102]
-    assert [changed_in(b"".join(entries), 96 * i) for i in range(3)] == [100, 101, 102]
+    assert [changed_in(b"".join(entries), 104 * i) for i in range(3)] == [100, 101, 102]
     assert list(changed_in_column(memoryview(b""))) == []
 
 
@@ -330,3 +337,62 @@ def test_a_read_torn_by_a_change_is_compared_again_at_its_new_version() -> None:
     assert moved and sample.flags == SocketFlag.OPENED | SocketFlag.CLOSED
     known[sample.socket_id] = sample
     assert decoder.refresh(bytes(info), known) == (sample, False) and sample.settled
+
+
+# -- fold_slot: the hot path's slot counters added into the entry -----------------------
+
+SK = 0xFFFF_8880_1234_5600
+
+
+def _entry_and_slots(
+    slot: int, owner: int = SK, owner_id: int = 7, changed_round: int = 0
+) -> tuple[bytearray, bytes]:
+    info = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000))
+    info.id, info.sent, info.received, info.changed_in, info.slot = 7, 5, 2, 3, slot
+    slots = bytearray(SLOT.size * 4)
+    SLOT.pack_into(slots, SLOT.size * 2, owner, owner_id, 100, 40, changed_round, 0)
+    return bytearray(bytes(info)), bytes(slots)
+
+
+def test_fold_slot_adds_the_slot_counters_into_the_entry() -> None:
+    entry, slots = _entry_and_slots(slot=3)  # index 2
+    assert fold_slot(entry, 0, SK, slots, 9)
+    folded = SockInfo.from_buffer_copy(entry)
+    assert (folded.sent, folded.received, folded.changed_in) == (105, 42, 3)
+    sample, moved = SampleDecoder().refresh(entry, {})
+    assert (sample.sent_bytes, sample.received_bytes, moved) == (105, 42, True)
+
+
+def test_fold_slot_copies_a_mark_made_through_the_slot_in_this_round() -> None:
+    entry, slots = _entry_and_slots(slot=3, changed_round=9)
+    assert fold_slot(entry, 0, SK, slots, 9)
+    assert changed_in(entry) == 9
+    entry, slots = _entry_and_slots(slot=3, changed_round=8)  # an earlier round: not copied
+    assert fold_slot(entry, 0, SK, slots, 9)
+    assert changed_in(entry) == 3
+
+
+def test_fold_slot_leaves_an_entry_without_a_slot_alone() -> None:
+    entry, slots = _entry_and_slots(slot=0)
+    before = bytes(entry)
+    assert fold_slot(entry, 0, SK, slots, 9)
+    assert bytes(entry) == before
+
+
+@pytest.mark.parametrize(
+    "owner, owner_id", [(SK + 64, 7), (SK, 8), (0, 0)], ids=["other socket", "other id", "freed"]
+)
+def test_fold_slot_refuses_a_slot_that_no_longer_names_the_entry(owner, owner_id) -> None:
+    entry, slots = _entry_and_slots(slot=3, owner=owner, owner_id=owner_id)
+    before = bytes(entry)
+    assert not fold_slot(entry, 0, SK, slots, 9)
+    assert bytes(entry) == before
+
+
+def test_fold_slot_works_at_an_offset_of_a_batch_buffer() -> None:
+    first, slots = _entry_and_slots(slot=0)
+    second, _ = _entry_and_slots(slot=3)
+    buffer = memoryview(bytearray(bytes(first) + bytes(second)))
+    assert fold_slot(buffer, SOCK_INFO.size, SK, slots, 9)
+    assert SockInfo.from_buffer_copy(buffer[SOCK_INFO.size :]).sent == 105
+    assert SockInfo.from_buffer_copy(buffer[: SOCK_INFO.size]).sent == 5

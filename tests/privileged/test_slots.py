@@ -1,0 +1,182 @@
+"""The hot path's slots (bpf/tcpacct.c `slots`): a tracked socket's bytes are counted in its
+slot, not its hash-map entry; the slot is freed when the socket is retired; sockets that
+find no free slot count in their entries; every count stays exact either way."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.ebpf import tracing
+from agent.ebpf.backends import plan_backend
+from agent.ebpf.btf import Btf
+from agent.ebpf.decoding import SLOT, SOCK_INFO, SockInfo
+from agent.ebpf.tracing import Capacities, KernelTracer
+from tests.support.harness import (
+    Harness,
+    connect_pair,
+    exchange,
+    listener,
+    open_test_tracer,
+    service_of,
+)
+
+
+def _entries(tracer: KernelTracer) -> dict[int, SockInfo]:
+    """The kernel's socket map as it is now, by socket id (white box: the tracer's reader)."""
+    _, raw = tracer._socks.read(delete=False)
+    entries = {}
+    for offset in range(0, len(raw), SOCK_INFO.size):
+        info = SockInfo.from_buffer_copy(raw[offset : offset + SOCK_INFO.size])
+        entries[info.id] = info
+    tracer._socks.release()
+    return entries
+
+
+def _slots(tracer: KernelTracer) -> list[tuple[int, int, int, int, int, int]]:
+    """Every slot of the memory-mapped array: (sk, id, sent, received, changed_in,
+    needs_process)."""
+    return list(SLOT.iter_unpack(tracer._slot_view[: tracer.capacities.slots * SLOT.size]))
+
+
+def _ends(tracer: KernelTracer, port: int) -> dict[int, object]:
+    return {s.socket_id: s for s in tracer.poll().live if port in (s.local.port, s.remote.port)}
+
+
+def test_a_live_sockets_bytes_are_counted_in_its_slot(harness) -> None:
+    """Both ends get a slot; after their first bytes (the process known) everything they
+    move goes to the slot: entry + slot = the sample = the bytes moved."""
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        try:
+            for _ in range(5):
+                exchange(client, server, 1000, 3000)
+            ends = _ends(harness.tracer, lsock.getsockname()[1])
+            assert len(ends) == 2
+            entries, slots = _entries(harness.tracer), _slots(harness.tracer)
+            moved = {(s.sent_bytes, s.received_bytes) for s in ends.values()}
+            assert moved == {(5000, 15000), (15000, 5000)}  # the client's, the server's
+            for socket_id, sample in ends.items():
+                entry = entries[socket_id]
+                assert entry.slot, "a tracked socket has a slot"
+                sk, owner_id, sent, received, _, needs_process = slots[entry.slot - 1]
+                assert (owner_id, needs_process) == (socket_id, 0)
+                assert sk != 0
+                assert (entry.sent + sent, entry.received + received) == (
+                    sample.sent_bytes,
+                    sample.received_bytes,
+                )
+                # at most the first call's bytes went to the entry (the process unknown)
+                assert sent + received >= 20000 - 3000
+        finally:
+            client.close()
+            server.close()
+
+
+def test_a_retired_socket_frees_its_slot(harness) -> None:
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        exchange(client, server, 10, 20)
+        ids = set(_ends(harness.tracer, lsock.getsockname()[1]))
+        assert len(ids) == 2
+        in_use = {owner_id for _, owner_id, *_ in _slots(harness.tracer)}
+        assert ids <= in_use
+        client.close()
+        server.close()
+        harness.settle()
+        assert not ids & {s.socket_id for s in harness.tracer.poll().live}
+        in_use = {owner_id for _, owner_id, *_ in _slots(harness.tracer)}
+        assert not ids & in_use
+
+
+@pytest.fixture
+def two_slot_tracer(backend):
+    tracer = open_test_tracer(backend, Capacities(sockets=1024, closed=1024, listeners=64,
+                                                  slots=2))  # fmt: skip
+    yield tracer
+    tracer.close()
+
+
+def test_sockets_that_find_no_free_slot_count_in_their_entries(two_slot_tracer) -> None:
+    """Two slots for twelve sockets: at least ten count in their entries. Every count is
+    exact - live, and closed through the final records (entry + slot)."""
+    harness = Harness(two_slot_tracer)
+    with listener() as lsock:
+        port = lsock.getsockname()[1]
+        pairs = [connect_pair(lsock) for _ in range(6)]
+        try:
+            for number, (client, server) in enumerate(pairs):
+                exchange(client, server, 100 + number, 1000 + number)
+            ends = _ends(two_slot_tracer, port)
+            entries = _entries(two_slot_tracer)
+            assert len(ends) == 12
+            assert sum(1 for i in ends if entries[i].slot == 0) >= 10
+            assert sum(1 for i in ends if entries[i].slot != 0) >= 1
+            moved = sorted((s.sent_bytes, s.received_bytes) for s in ends.values())
+            clients = [(100 + n, 1000 + n) for n in range(6)]
+            assert moved == sorted(clients + [(b, a) for a, b in clients])
+        finally:
+            for client, server in pairs:
+                client.close()
+                server.close()
+        harness.settle()
+    request = sum(100 + n for n in range(6))
+    response = sum(1000 + n for n in range(6))
+    totals = harness.connection_totals(service_of(("127.0.0.1", port)))
+    assert totals == {
+        ("istio_tcp_received_bytes_total", "source"): request,
+        ("istio_tcp_received_bytes_total", "destination"): request,
+        ("istio_tcp_sent_bytes_total", "source"): response,
+        ("istio_tcp_sent_bytes_total", "destination"): response,
+        ("istio_tcp_connections_opened_total", "source"): 6,
+        ("istio_tcp_connections_opened_total", "destination"): 6,
+        ("istio_tcp_connections_closed_total", "source"): 6,
+        ("istio_tcp_connections_closed_total", "destination"): 6,
+    }
+
+
+def test_slots_are_planned_from_linux_5_12_and_the_tracepoint_backend_always_has_them() -> None:
+    btf = Btf.from_path(Path("/sys/kernel/btf/vmlinux"))
+    for backend in ("fentry", "kprobe"):
+        older = plan_backend(backend, btf, release="5.11.22", for_attaching=False)
+        newer = plan_backend(backend, btf, release="5.12.0", for_attaching=False)
+        assert (older.slots, newer.slots) == (False, True)
+    assert plan_backend("tracepoint", btf, release=os.uname().release).slots
+
+
+@pytest.fixture
+def slotless_tracer(backend, monkeypatch):
+    """The program as a kernel before 5.12 gets it: no -DSLOTS, no slots map."""
+    planned = tracing.plan_backend
+    monkeypatch.setattr(
+        tracing, "plan_backend", lambda *a, **k: dataclasses.replace(planned(*a, **k), slots=False)
+    )
+    tracer = open_test_tracer(backend, Capacities(sockets=1024, closed=1024, listeners=64))
+    yield tracer
+    tracer.close()
+
+
+def test_without_slots_every_socket_counts_in_its_entry_exactly(slotless_tracer) -> None:
+    assert "slots" not in slotless_tracer._program.map_fds
+    harness = Harness(slotless_tracer)
+    with listener() as lsock:
+        port = lsock.getsockname()[1]
+        client, server = connect_pair(lsock)
+        for _ in range(3):
+            exchange(client, server, 700, 900)
+        ends = _ends(slotless_tracer, port)
+        assert sorted((s.sent_bytes, s.received_bytes) for s in ends.values()) == [
+            (2100, 2700),
+            (2700, 2100),
+        ]
+        assert all(entry.slot == 0 for entry in _entries(slotless_tracer).values())
+        client.close()
+        server.close()
+        harness.settle()
+    totals = harness.connection_totals(service_of(("127.0.0.1", port)))
+    assert totals[("istio_tcp_received_bytes_total", "source")] == 2100
+    assert totals[("istio_tcp_sent_bytes_total", "destination")] == 2700
+    assert totals[("istio_tcp_connections_closed_total", "destination")] == 1
