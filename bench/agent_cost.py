@@ -133,7 +133,7 @@ def kernel_read_floor_ms(sockets: int, rounds: int = 5) -> list[float]:
     """What a poll in which every one of ``sockets`` entries changed costs in the kernel
     alone: one batch read of a socket map holding them (BPF_MAP_LOOKUP_BATCH) plus draining
     as many keys from a ``changed`` map (BPF_MAP_LOOKUP_AND_DELETE_BATCH), on maps shaped as
-    the agent's (hash, 8-byte keys, 96-byte values), filled from user space. Thread CPU ms
+    the agent's (hash, 8-byte keys, 104-byte values), filled from user space. Thread CPU ms
     per round (the syscalls' kernel time is the thread's)."""
     from agent.ebpf.decoding import SOCK_INFO
     from agent.ebpf.syscalls import MapHandle, create_map

@@ -54,8 +54,8 @@ class Candidate:
 CANDIDATES = (
     Candidate("empty_raw_tp", "CANDIDATE_EMPTY", False, "raw tracepoint, empty"),
     Candidate("empty_tp_btf", "CANDIDATE_EMPTY_TP_BTF", True, "tp_btf, empty"),
-    Candidate("hash", "CANDIDATE_HASH", False, "hash map by socket address (tcpacct today)"),
-    Candidate("array", "CANDIDATE_ARRAY", False, "open addressing in an array, inlined lookups"),
+    Candidate("hash", "CANDIDATE_HASH", False, "hash map by socket address (tcpacct's table)"),
+    Candidate("array", "CANDIDATE_ARRAY", False, "open addressing in an array (tcpacct's slots)"),
     Candidate("sk_storage", "CANDIDATE_SK_STORAGE", True, "tp_btf, socket local storage"),
 )
 BASELINE = CANDIDATES[0]

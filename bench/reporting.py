@@ -115,8 +115,9 @@ def why(figure: Figure) -> str:
         return (
             f"an empty program on the same tracepoints adds {d['empty_program_added_ns']:.0f} "
             "ns here (the tracepoint's dispatch, with Spectre/SRSO mitigations); tcpacct's own "
-            f"work {d['own_work_ns']:.0f} ns over it (one hash lookup, one atomic add), both "
-            "from rotating triplets of rounds (off, empty program, tcpacct)" + counted
+            f"work {d['own_work_ns']:.0f} ns over it (the socket's slot found by inlined array "
+            "lookups, one atomic add), both from rotating triplets of rounds (off, empty "
+            "program, tcpacct)" + counted
         )
     if "hooks_only_ratio" in d and "agent_over_hooks" in d:
         split = (
