@@ -9,6 +9,7 @@ per pair, then summarised (median, min to max).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.ebpf.backends import LIFECYCLE_TRACEPOINTS
-from agent.ebpf.syscalls import program_run_stats
 from bench.accuracy import compare, exact_fraction
+from bench.design import BASELINE, LoadedCandidate
 from bench.figures import Figure, Target
 from bench.iperf import run_iperf3
 from bench.probing import AgentProbe
@@ -256,7 +257,7 @@ def _accuracy_figure(key: str, title: str, checks: list[list[dict[str, Any]]]) -
     )
 
 
-EMPTY_PROGRAM = "int on_any(struct bpf_raw_tracepoint_args *ctx) { return 0; }"
+EMPTY_PROGRAM = "the empty raw-tracepoint candidate of bpf/hot_path_candidates.c"
 
 
 def rotating(modes: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
@@ -269,17 +270,10 @@ def rotating(modes: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
             yield number, mode
 
 
-FLOOR_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
-
-
-def _empty_program() -> Any:
-    """EMPTY_PROGRAM loaded by bcc (not attached)."""
-    from agent.ebpf.headers import apply_headers, choose_headers
-
-    apply_headers(choose_headers())
-    from bcc import BPF
-
-    return BPF(text=EMPTY_PROGRAM)
+def _empty_program() -> LoadedCandidate:
+    """The empty raw-tracepoint program on sock_send_length/sock_recv_length (not attached):
+    bench.design's baseline candidate."""
+    return LoadedCandidate(BASELINE, capacity=1)
 
 
 def measure_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
@@ -288,26 +282,20 @@ def measure_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure
     what any program there costs on this machine (the tracepoint's dispatch, with its
     Spectre/SRSO call and return mitigations); tcpacct's own work is its round minus the
     empty program's in the same triplet, so both see the same machine."""
-    tracepoints = FLOOR_TRACEPOINTS
-    bpf = _empty_program()
+    empty = _empty_program()
     values: dict[str, list[float]] = {"off": [], "empty": [], "agent": []}
     try:
         _off(probe)
         for _, mode in rotating(tuple(values), plan.pairs):
-            if mode == "empty":
-                for tracepoint in tracepoints:
-                    bpf.attach_raw_tracepoint(tp=tracepoint, fn_name="on_any")
-            elif mode == "agent":
+            if mode == "agent":
                 _on(probe)
-            moved = send_recv(plan.send_recv_calls, LOOP_CPU, plan.loop_blocks)
+            with empty.attached() if mode == "empty" else contextlib.nullcontext():
+                moved = send_recv(plan.send_recv_calls, LOOP_CPU, plan.loop_blocks)
             values[mode].append(moved.fastest_ns_per_call)
-            if mode == "empty":
-                for tracepoint in tracepoints:
-                    bpf.detach_raw_tracepoint(tp=tracepoint)
-            elif mode == "agent":
+            if mode == "agent":
                 _off(probe)
     finally:
-        bpf.cleanup()
+        empty.close()
         _on(probe)
     own = paired_difference(values["agent"], values["empty"])
     return Figure(
@@ -316,7 +304,7 @@ def measure_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure
         unit="ns",
         method=f"as the TCP send+recv figure (same C loop, CPU {LOOP_CPU}, fastest block), in "
         f"{plan.pairs} triplets of rounds in rotating order: nothing attached (off), "
-        f"`{EMPTY_PROGRAM}` on sock_send_length and sock_recv_length (on), and tcpacct "
+        f"{EMPTY_PROGRAM} on sock_send_length and sock_recv_length (on), and tcpacct "
         "(details.tcpacct_minus_empty_ns: tcpacct's own work, per triplet).",
         on=summarise(values["empty"]),
         off=summarise(values["off"]),
@@ -404,28 +392,18 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
     churn_programs: dict[str, dict[str, int]] = {}
     misses = 0
     empty = _empty_program() if backend == "tracepoint" else None
-    # (a bcc BPF object is falsy - it has a length, its tables' - hence `is not None`)
-    empty_fd = -1 if empty is None else empty.load_func("on_any", empty.RAW_TRACEPOINT).fd
     _on(probe)
     probe.request({"cmd": "run_time_stats", "on": True})
     try:
         for _ in range(plan.program_time_rounds):
-            for tracepoint in FLOOR_TRACEPOINTS if empty is not None else ():
-                empty.attach_raw_tracepoint(tp=tracepoint, fn_name="on_any")
-            try:
+            with empty.attached() if empty is not None else contextlib.nullcontext():
+                empty_before = empty.runs() if empty is not None else (0, 0)
                 before = _programs(probe)
-                empty_before = program_run_stats(empty_fd) if empty is not None else None
                 moved = send_recv(plan.send_recv_calls, LOOP_CPU, plan.loop_blocks)
                 gained = _program_delta(before, _programs(probe))
-                empty_after = program_run_stats(empty_fd) if empty is not None else None
-            finally:
-                for tracepoint in FLOOR_TRACEPOINTS if empty is not None else ():
-                    empty.detach_raw_tracepoint(tp=tracepoint)
-            floor = 0.0
-            if empty_before is not None and empty_after is not None:
-                empty_runs = empty_after.runs - empty_before.runs
-                if empty_runs:
-                    floor = (empty_after.run_ns - empty_before.run_ns) / empty_runs
+                empty_after = empty.runs() if empty is not None else (0, 0)
+            empty_runs = empty_after[0] - empty_before[0]
+            floor = (empty_after[1] - empty_before[1]) / empty_runs if empty_runs else 0.0
             empty_per_run.append(floor)
             data = [c for n, c in gained.items() if n not in LIFECYCLE_FUNCTIONS]
             calls = 2 * moved.operations
@@ -445,7 +423,7 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
     finally:
         probe.request({"cmd": "run_time_stats", "on": False})
         if empty is not None:
-            empty.cleanup()
+            empty.close()
     per_connection = [
         counted - runs * floor / 1000
         for counted, runs, floor in zip(
@@ -456,7 +434,7 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
         f"the agent on, with the kernel's run-time statistics on (BPF_ENABLE_STATS) for "
         f"{plan.program_time_rounds} rounds of each workload; each program's run time and runs "
         "are read before and after the workload (bpf_prog_info). Less, per run, what the "
-        f"statistics count for `{EMPTY_PROGRAM}` attached to sock_send_length and "
+        f"statistics count for {EMPTY_PROGRAM} attached to sock_send_length and "
         "sock_recv_length in the same send/recv round (their two clock reads: "
         "details.counted_ns_per_empty_run; 0 where the backend is not `tracepoint`: "
         "those kernels may lack the two tracepoints, and the clock reads stay in). The "

@@ -164,14 +164,20 @@ static __always_inline u32 slot_home(u64 key)
     return (u32)((key >> 6) * 11400714819323198485ull >> 32);
 }
 
+// The i-th of the slots a socket homed at `home` may have (its index into *index).
+static __always_inline struct slot *probe_slot(u32 home, int i, u32 *index)
+{
+    *index = (home + i) & (SLOTS - 1);
+    return slots.lookup(index);
+}
+
 // The slot whose owner is the socket at `key`, or NULL.
 static __always_inline struct slot *find_slot(u64 key)
 {
-    u32 home = slot_home(key);
+    u32 home = slot_home(key), index;
 #pragma unroll
     for (int i = 0; i < SLOT_PROBES; i++) {
-        u32 index = (home + i) & (SLOTS - 1);
-        struct slot *slot = slots.lookup(&index);
+        struct slot *slot = probe_slot(home, i, &index);
         if (!slot)
             return NULL;
         if (slot->sk == key)
@@ -207,11 +213,10 @@ static __always_inline void add_to_slot(u64 key, struct slot *slot, u64 bytes, i
 // the entry counts by itself. A free slot's counters are already zero (free_slot).
 static __always_inline void give_slot(u64 key, struct sock_info *entry)
 {
-    u32 home = slot_home(key);
+    u32 home = slot_home(key), index;
 #pragma unroll
     for (int i = 0; i < SLOT_PROBES; i++) {
-        u32 index = (home + i) & (SLOTS - 1);
-        struct slot *slot = slots.lookup(&index);
+        struct slot *slot = probe_slot(home, i, &index);
         if (!slot)
             return;
         if (slot->sk == key) {
@@ -231,14 +236,13 @@ static __always_inline void give_slot(u64 key, struct sock_info *entry)
 
 // Free a slot whose counts were taken. The owner's id goes first, the counters after it:
 // user space reads a slot's counters before its id (agent/ebpf/decoding.py fold_slot), so
-// an id it still finds was read after counters that were not zeroed yet. The address last.
+// an id it still finds was read after counters that were not zeroed yet. The address last
+// (give_slot sets the other fields when it hands the slot out again).
 static __always_inline void free_slot(struct slot *slot)
 {
     __sync_lock_test_and_set(&slot->id, 0);
     __sync_lock_test_and_set(&slot->sent, 0);
     __sync_lock_test_and_set(&slot->received, 0);
-    slot->changed_in = 0;
-    slot->needs_process = 1;
     __sync_lock_test_and_set(&slot->sk, 0);
 }
 #else

@@ -107,10 +107,10 @@ def changed_in_column(raw: memoryview) -> Sequence[int]:
 SLOT = struct.Struct("<QQQQII")  # struct slot: sk, id, sent, received, changed_in, needs_process
 _SLOT_OWNER = struct.Struct("<QQ")  # sk, id
 _SLOT_COUNTS = struct.Struct("<QQI")  # sent, received, changed_in (at offset 16)
-_ENTRY_FOLD = struct.Struct("<QQQ64xI4xI")  # sock_info id, sent, received, changed_in, slot
+_ENTRY_FOLD = struct.Struct("<QQQ72xI")  # sock_info id, sent, received, slot
 _ENTRY_COUNTS = struct.Struct("<QQ")  # sock_info sent, received (at offset 8)
 _ENTRY_CHANGED_IN_AT = _CHANGED_IN.size - 4
-U32_AT = struct.Struct("<I")
+_U32 = struct.Struct("<I")
 
 
 def fold_slot(
@@ -129,7 +129,7 @@ def fold_slot(
     counters when it frees a slot (bpf/tcpacct.c free_slot), so an owner still found was
     read after counters that were not zeroed yet (loads are not reordered on x86-64).
     """
-    sid, sent, received, changed_in, slot = _ENTRY_FOLD.unpack_from(raw, offset)
+    sid, sent, received, slot = _ENTRY_FOLD.unpack_from(raw, offset)
     if not slot:
         return True
     at = (slot - 1) * SLOT.size
@@ -138,8 +138,8 @@ def fold_slot(
     if owner != key or owner_id != sid:
         return False
     _ENTRY_COUNTS.pack_into(raw, offset + 8, sent + slot_sent, received + slot_received)
-    if slot_round == poll_round and changed_in != poll_round:
-        U32_AT.pack_into(raw, offset + _ENTRY_CHANGED_IN_AT, poll_round)
+    if slot_round == poll_round:
+        _U32.pack_into(raw, offset + _ENTRY_CHANGED_IN_AT, poll_round)
     return True
 
 
