@@ -256,6 +256,7 @@ class Accountant:
                 todo = [*poll.changed, *(by_id[sid] for sid in pending)]
             # The index holds each socket's newest sample (no older copy stays alive); a
             # sample the reader updated in place (only its counters moved) is already there
+            todo = self._count_moved_bytes(todo)
             tracked = self._tracked
             for sample in todo:
                 known = tracked.get(sample.socket_id)
@@ -316,6 +317,43 @@ class Accountant:
         if final:
             del self._tracked[sid]
             self._missing.pop(sid, None)
+
+    def _count_moved_bytes(self, samples: list[SocketSample]) -> list[SocketSample]:
+        """Count the samples that are the same objects this accountant last counted, of
+        named sockets - the reader updated only their counters in place, so only bytes can
+        have moved (their open/close events were counted with the same flags) - and return
+        the rest for :meth:`_advance`. What :meth:`_count` does for bytes, inline: a busy
+        poll of 100k sockets runs this loop 100k times."""
+        rest = []
+        tracked, moved_by_series = self._tracked, self._moved
+        for sample in samples:
+            known = tracked.get(sample.socket_id)
+            if known is None or known.last_seen is not sample or known.series is None:
+                rest.append(sample)
+                continue
+            sent = sample.sent_bytes - known.sent
+            received = sample.received_bytes - known.received
+            if sent < 0:  # never let a (torn) smaller read make a total go down
+                sent = 0
+            else:
+                known.sent = sample.sent_bytes
+            if received < 0:
+                received = 0
+            else:
+                known.received = sample.received_bytes
+            if not (sent or received):
+                continue
+            series = known.series
+            moved = moved_by_series.get(id(series))
+            if moved is None:
+                moved = moved_by_series[id(series)] = [0, 0, 0, 0, series]
+            if sample.role is _SERVER:  # Istio direction: received = client -> server
+                moved[0] += received
+                moved[1] += sent
+            else:
+                moved[0] += sent
+                moved[1] += received
+        return rest
 
     def _series_by_naming_key(
         self, sample: SocketSample, peers: _Peers

@@ -113,6 +113,10 @@ class SocketSample:
     # everything but the counters unchanged (then reads at that version update counters only)
     kernel_version: int = field(default=0, compare=False, hash=False, repr=False)
     settled: bool = field(default=False, compare=False, hash=False, repr=False)
+    # and the part of each counter its kernel entry holds itself; the rest is its slot's
+    # (bpf/tcpacct.c struct slot), which later reads of the slot alone bring up to date
+    entry_sent: int = field(default=0, compare=False, hash=False, repr=False)
+    entry_received: int = field(default=0, compare=False, hash=False, repr=False)
 
     @property
     def client(self) -> Endpoint:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import subprocess
 import sys
@@ -129,42 +128,6 @@ def _label(count: int) -> str:
     return f"{count // 1000}k" if count % 1000 == 0 else str(count)
 
 
-def kernel_read_floor_ms(sockets: int, rounds: int = 5) -> list[float]:
-    """What a poll in which every one of ``sockets`` entries changed costs in the kernel
-    alone: one batch read of a socket map holding them (BPF_MAP_LOOKUP_BATCH) plus draining
-    as many keys from a ``changed`` map (BPF_MAP_LOOKUP_AND_DELETE_BATCH), on maps shaped as
-    the agent's (hash, 8-byte keys, 104-byte values), filled from user space. Thread CPU ms
-    per round (the syscalls' kernel time is the thread's)."""
-    from agent.ebpf.decoding import SOCK_INFO
-    from agent.ebpf.syscalls import MapHandle, create_map
-    from agent.ebpf.tracing import _BatchReader
-
-    capacity = map_capacity(sockets)
-    hash_map = 1
-    socks = create_map(hash_map, 8, SOCK_INFO.size, capacity, 0, "floor_socks")
-    changed = create_map(hash_map, 8, 1, capacity, 0, "floor_changed")
-    try:
-        entries, marks = MapHandle(socks, 8, SOCK_INFO.size), MapHandle(changed, 8, 1)
-        value = bytes(SOCK_INFO.size)
-        keys = [(0xFFFF_8880_0000_0000 + 2048 * i).to_bytes(8, "little") for i in range(sockets)]
-        for key in keys:
-            entries.update(key, value)
-        socks_reader = _BatchReader(socks, 8, SOCK_INFO.size, capacity)
-        changed_reader = _BatchReader(changed, 8, 1, capacity)
-        out = []
-        for _ in range(rounds):
-            for key in keys:
-                marks.update(key, b"\x01")
-            start = time.thread_time()
-            socks_reader.read(delete=False)
-            changed_reader.read(delete=True)
-            out.append(1000 * (time.thread_time() - start))
-        return out
-    finally:
-        os.close(socks)
-        os.close(changed)
-
-
 def measure_live(sockets: int, plan: CostPlan, backend: str) -> list[Figure]:
     """CPU per poll and RSS with ``sockets`` live sockets (``sockets // 2`` connections)."""
     count = sockets // 2
@@ -205,7 +168,6 @@ def measure_live(sockets: int, plan: CostPlan, backend: str) -> list[Figure]:
         "holders": math.ceil(count / CONNECTIONS_PER_HOLDER),
     }
     split = {
-        "kernel_floor_ms": statistics_median(kernel_read_floor_ms(sockets)),
         "tracer_poll_ms": [1000 * a["poll_cpu_s"] for a in answers],
         "accountant_apply_ms": [1000 * a["apply_cpu_s"] for a in answers],
         "first_poll_ms": 1000 * (first["poll_cpu_s"] + first["apply_cpu_s"]),

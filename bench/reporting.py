@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,14 +150,15 @@ def why(figure: Figure) -> str:
             )
     profile = d.get("profile_top")
     if profile:
-        floor = _first(d.get("kernel_floor_ms"))
-        kernel = (
-            f"the kernel's batch reads alone (socket map + changed keys) take {floor:.0f} ms; "
-            if floor is not None
+        tracer, accountant = d.get("tracer_poll_ms"), d.get("accountant_apply_ms")
+        split = (
+            f"reading the kernel (tracer.poll) {statistics.median(tracer):.0f} ms, "
+            f"accounting (accountant.apply) {statistics.median(accountant):.0f} ms (medians); "
+            if tracer and accountant
             else ""
         )
         return (
-            kernel
+            split
             + "most own time in one profiled poll: "
             + "; ".join(_function(row) for row in profile[:3])
         )

@@ -28,10 +28,11 @@
 // gets a slot in the `slots` array, found from its address by open addressing (at most
 // SLOT_PROBES slots from its home, lookups the verifier inlines; a hash-map lookup costs
 // ~10x more here, bench figure design.hot_path_ns). The bytes it moves are added to its
-// slot; its entry in `socks` keeps identity, version and any bytes counted before it had a
-// slot. A socket's counts are entry + slot: user space adds them while the slot still
-// names the entry (slot.sk and slot.id), and retire() adds them into the final record
-// before the slot is freed. A socket that finds no free slot counts in its entry as before,
+// slot, and nothing is marked: user space memory-maps the array and finds the slots that
+// moved by reading it. Its entry in `socks` keeps identity, version and any bytes counted
+// before it had a slot. A socket's counts are entry + slot: user space adds them while the
+// slot still names the entry (slot.sk and slot.id), and retire() adds them into the final
+// record before the slot is freed. A socket that finds no free slot counts in its entry as before,
 // and so does every socket when SLOTS is not defined (kernels without compare-and-swap on
 // map values, before 5.12).
 
@@ -95,8 +96,8 @@ struct slot {
     u64 id;            // the owner's sock_info.id; 0 while being handed out or freed
     u64 sent;
     u64 received;
-    u32 changed_in;    // as sock_info.changed_in, for marks made through the slot
     u32 needs_process; // the owner's entry has no process yet: take the slow path
+    u32 spare;
 };
 
 struct listener_key {
@@ -198,13 +199,14 @@ static __always_inline struct slot *slot_of(u64 key, struct sock_info *entry)
     return slot;
 }
 
-static __always_inline void add_to_slot(u64 key, struct slot *slot, u64 bytes, int direction)
+// Counting into a slot marks nothing: user space finds moved slots by reading the array
+// (agent/ebpf/tracing.py _SlotTable.scan), so the hot path writes one counter and no map.
+static __always_inline void add_to_slot(struct slot *slot, u64 bytes, int direction)
 {
     if (direction == DIR_SENT)
         __sync_fetch_and_add(&slot->sent, bytes);
     else
         __sync_fetch_and_add(&slot->received, bytes);
-    mark_round(key, &slot->changed_in);
 }
 
 // Hand a new entry a slot: a free one near its home, claimed with compare-and-swap. A slot
@@ -227,17 +229,17 @@ static __always_inline void give_slot(u64 key, struct sock_info *entry)
             continue;
         }
         slot->needs_process = 1;
-        slot->changed_in = 0;
         __sync_lock_test_and_set(&slot->id, entry->id); // visible before entry->slot is
         entry->slot = index + 1;
         return;
     }
 }
 
-// Free a slot whose counts were taken. The owner's id goes first, the counters after it:
-// user space reads a slot's counters before its id (agent/ebpf/decoding.py fold_slot), so
-// an id it still finds was read after counters that were not zeroed yet. The address last
-// (give_slot sets the other fields when it hands the slot out again).
+// Free a slot whose counts were taken. The owner's id goes first, the counters after it,
+// the address last (give_slot sets the other fields when it hands the slot out again).
+// User space reads a slot's id before and after its counters (agent/ebpf/decoding.py
+// fold_slot, agent/ebpf/tracing.py _SlotTable.scan): ids are never reused, so the same id
+// both times means the counters between were that owner's.
 static __always_inline void free_slot(struct slot *slot)
 {
     __sync_lock_test_and_set(&slot->id, 0);
@@ -248,7 +250,7 @@ static __always_inline void free_slot(struct slot *slot)
 #else
 static __always_inline struct slot *find_slot(u64 key) { return NULL; }
 static __always_inline struct slot *slot_of(u64 key, struct sock_info *entry) { return NULL; }
-static __always_inline void add_to_slot(u64 key, struct slot *slot, u64 bytes, int direction) {}
+static __always_inline void add_to_slot(struct slot *slot, u64 bytes, int direction) {}
 static __always_inline void give_slot(u64 key, struct sock_info *entry) {}
 static __always_inline void free_slot(struct slot *slot) {}
 #endif
@@ -387,7 +389,7 @@ static __always_inline void count_bytes(void *sk, u64 bytes, int direction)
     u64 key = sock_key(sk);
     struct slot *slot = find_slot(key);
     if (slot && !slot->needs_process) {
-        add_to_slot(key, slot, bytes, direction);
+        add_to_slot(slot, bytes, direction);
         return;
     }
 #ifdef CHECK_PROTOCOL
@@ -420,7 +422,8 @@ static __always_inline void count_bytes(void *sk, u64 bytes, int direction)
     slot = slot_of(key, entry);
     if (slot) {
         slot->needs_process = 0; // the entry has its process: the hot path from now on
-        add_to_slot(key, slot, bytes, direction);
+        add_to_slot(slot, bytes, direction);
+        mark_changed(key, entry); // user space reads the process (once per socket)
         return;
     }
     if (direction == DIR_SENT)

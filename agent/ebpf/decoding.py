@@ -86,6 +86,7 @@ def decode_comm(raw: bytes) -> str:
 SOCK_INFO = struct.Struct("<QQQ16s16sHHHBBII16s16x")  # struct sock_info, 104 bytes
 _COUNTS = struct.Struct("<QQQ68xI")  # id, sent, received ... version
 _CHANGED_IN = struct.Struct("<88xI")  # struct sock_info.changed_in
+_SLOT_AT = 96  # offset of struct sock_info.slot
 
 
 def changed_in(raw: bytes | memoryview, offset: int = 0) -> int:
@@ -104,43 +105,51 @@ def changed_in_column(raw: memoryview) -> Sequence[int]:
     return words[_CHANGED_IN.size // 4 - 1 :: SOCK_INFO.size // 4]
 
 
-SLOT = struct.Struct("<QQQQII")  # struct slot: sk, id, sent, received, changed_in, needs_process
+def slot_column(raw: memoryview) -> Sequence[int]:
+    """Every entry's ``slot`` (index + 1 of its slot, 0: none) in a buffer of whole
+    ``struct sock_info`` entries, as a strided view: entries with slots 3 and 0 ->
+    ``[3, 0]``."""
+    words = raw.cast("B").cast("I")  # u32 words; slot is word 24 of each 26
+    return words[_SLOT_AT // 4 :: SOCK_INFO.size // 4]
+
+
+SLOT = struct.Struct("<QQQQII")  # struct slot: sk, id, sent, received, needs_process, spare
+SLOT_WORDS = SLOT.size // 8  # u64 words per slot: sk at word 0, id 1, sent 2, received 3
 _SLOT_OWNER = struct.Struct("<QQ")  # sk, id
-_SLOT_COUNTS = struct.Struct("<QQI")  # sent, received, changed_in (at offset 16)
+_SLOT_COUNTS = struct.Struct("<16xQQ")  # sent, received
 _ENTRY_FOLD = struct.Struct("<QQQ72xI")  # sock_info id, sent, received, slot
 _ENTRY_COUNTS = struct.Struct("<QQ")  # sock_info sent, received (at offset 8)
-_ENTRY_CHANGED_IN_AT = _CHANGED_IN.size - 4
-_U32 = struct.Struct("<I")
 
 
 def fold_slot(
-    raw: bytearray | memoryview, offset: int, key: int, slots: bytes | memoryview, poll_round: int
-) -> bool:
+    raw: bytearray | memoryview, offset: int, key: int, slots: bytes | memoryview
+) -> tuple[int, int] | None:
     """Add the counts of its slot (``struct slot`` in ``slots``, the kernel's memory-mapped
-    array) into the ``struct sock_info`` at ``offset`` of ``raw``, in place. False when the
-    slot no longer names the entry (its ``sk`` is not ``key`` or its ``id`` not the
-    entry's): the socket was retired after ``raw`` was read, and its final counts are in
-    the closed map. A mark made through the slot in ``poll_round`` is copied too.
+    array) into the ``struct sock_info`` at ``offset`` of ``raw``, in place; returns the
+    entry's own (sent, received), as they were before. None when the slot no longer names
+    the entry (its ``sk`` is not ``key`` or its ``id`` not the entry's): the socket was
+    retired after ``raw`` was read, and its final counts are in the closed map.
 
     An entry with 5 bytes sent before it had slot 3, whose slot has counted 100 since:
-    ``fold_slot(entry, 0, key, slots, 9)`` -> ``True``, the entry now says 105 sent.
+    ``fold_slot(entry, 0, key, slots)`` -> ``(5, 2)``, the entry now says 105 sent.
 
-    The slot's counters are read before its owner: the kernel clears the owner before the
-    counters when it frees a slot (bpf/tcpacct.c free_slot), so an owner still found was
-    read after counters that were not zeroed yet (loads are not reordered on x86-64).
+    The owner is read before and after the counters: the kernel clears it first when it
+    frees a slot (bpf/tcpacct.c free_slot) and ids are never reused, so the same owner both
+    times means the counters between were this socket's (loads are not reordered on
+    x86-64).
     """
     sid, sent, received, slot = _ENTRY_FOLD.unpack_from(raw, offset)
     if not slot:
-        return True
+        return sent, received
     at = (slot - 1) * SLOT.size
-    slot_sent, slot_received, slot_round = _SLOT_COUNTS.unpack_from(slots, at + 16)
-    owner, owner_id = _SLOT_OWNER.unpack_from(slots, at)
-    if owner != key or owner_id != sid:
-        return False
+    owner = (key, sid)
+    if _SLOT_OWNER.unpack_from(slots, at) != owner:
+        return None
+    slot_sent, slot_received = _SLOT_COUNTS.unpack_from(slots, at)
+    if _SLOT_OWNER.unpack_from(slots, at) != owner:
+        return None
     _ENTRY_COUNTS.pack_into(raw, offset + 8, sent + slot_sent, received + slot_received)
-    if slot_round == poll_round:
-        _U32.pack_into(raw, offset + _ENTRY_CHANGED_IN_AT, poll_round)
-    return True
+    return sent, received
 
 
 _Fields = tuple[Any, ...]  # SOCK_INFO.unpack's answer

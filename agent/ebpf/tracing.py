@@ -49,6 +49,7 @@ from agent.ebpf.decoding import (
     C_CHANGES_LOST,
     C_COUNT,
     SLOT,
+    SLOT_WORDS,
     SampleDecoder,
     SockInfo,
     changed_in,
@@ -57,6 +58,7 @@ from agent.ebpf.decoding import (
     decode_counters,
     encode_port,
     fold_slot,
+    slot_column,
 )
 from agent.ebpf.headers import apply_headers, choose_headers
 from agent.ebpf.loading import LoadedProgram
@@ -122,19 +124,91 @@ class Capacities:
 
 class _SlotTable:
     """The kernel's ``slots`` array (bpf/tcpacct.c), memory-mapped read-only: the counters
-    of sockets that have a slot, read without a system call."""
+    of sockets that have a slot, read without a system call.
 
-    def __init__(self, map_fd: int, slots: int) -> None:
+    The kernel marks nothing when it counts into a slot: :meth:`scan` finds the slots that
+    moved by hashing the array in chunks of :data:`CHUNK_SLOTS` slots and reading only the
+    chunks whose hash differs from the last scan's (an idle node's poll hashes the array and
+    reads no slot).
+    """
+
+    CHUNK_SLOTS = 128  # 5 KiB of slots
+
+    def __init__(self, pages: mmap.mmap | bytearray, slots: int) -> None:
+        """``pages``: the array's memory (its mapping, or a buffer in tests) of ``slots``."""
+        self._pages = pages
+        self.view = memoryview(pages)
+        self._words = self.view.cast("Q")
+        self._size = slots * SLOT.size
+        self._hashes: list[int] = []  # per chunk, as of the last scan; empty: scan all
+
+    @classmethod
+    def mapped(cls, map_fd: int, slots: int) -> _SlotTable:
+        """The kernel's array of ``slots`` slots, memory-mapped read-only."""
         check_sizes(map_fd, 4, SLOT.size)
         size = -(-slots * SLOT.size // mmap.PAGESIZE) * mmap.PAGESIZE
-        self._pages = mmap.mmap(map_fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        self.view = memoryview(self._pages)
+        return cls(mmap.mmap(map_fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ), slots)
+
+    def forget(self) -> None:
+        """The next scan reads every chunk (after a poll that failed half way)."""
+        self._hashes = []
+
+    def _moved_chunks(self) -> list[int]:
+        """Indexes of the chunks whose bytes changed since the last call."""
+        view, step = self.view, self.CHUNK_SLOTS * SLOT.size
+        hashes = [hash(bytes(view[at : at + step])) for at in range(0, self._size, step)]
+        before, self._hashes = self._hashes, hashes
+        if len(before) != len(hashes):
+            return list(range(len(hashes)))
+        pairs = zip(before, hashes, strict=True)
+        return [index for index, (old, new) in enumerate(pairs) if old != new]
+
+    def scan(self, samples: Mapping[int, SocketSample]) -> list[SocketSample]:
+        """Update the counters of the live samples whose slots counted bytes since the
+        last scan; returns those samples.
+
+        A sample's counters are its entry's own (``entry_sent``/``entry_received``, which do
+        not change while it has a slot) plus its slot's: an entry with 5 sent whose slot
+        now says 150 makes the sample's ``sent_bytes`` 155.
+        A slot is read as owner, counters, owner again (see decoding.fold_slot): a slot
+        whose owner changed between is skipped (its socket was retired; its final counts
+        are in the closed map), and so is a slot whose owner has no sample yet (its new
+        entry is marked changed and read with the slot folded in)."""
+        moved = []
+        words, per_chunk, get = self._words, self.CHUNK_SLOTS * SLOT_WORDS, samples.get
+        last = self._size // 8  # the word after the last slot (the mapping is page-rounded)
+        for chunk in self._moved_chunks():
+            first = chunk * per_chunk
+            end = min(first + per_chunk, last)
+            ids = words[first + 1 : end : SLOT_WORDS].tolist()
+            sent = words[first + 2 : end : SLOT_WORDS].tolist()
+            received = words[first + 3 : end : SLOT_WORDS].tolist()
+            again = words[first + 1 : end : SLOT_WORDS].tolist()
+            columns = zip(ids, sent, received, again, strict=True)
+            for sid, slot_sent, slot_received, check in columns:
+                if not sid or sid != check:
+                    continue
+                sample = get(sid)
+                if sample is None:
+                    continue
+                sent = sample.entry_sent + slot_sent
+                received = sample.entry_received + slot_received
+                before_sent, before_received = sample.sent_bytes, sample.received_bytes
+                if sent == before_sent and received == before_received:
+                    continue
+                if sent < before_sent or received < before_received:
+                    continue  # never lower a count
+                sample.sent_bytes, sample.received_bytes = sent, received
+                moved.append(sample)
+        return moved
 
     def close(self) -> None:
         """Unmap (left to the garbage collector while a caller still holds a slice)."""
         with contextlib.suppress(BufferError):
+            self._words.release()
             self.view.release()
-            self._pages.close()
+            if isinstance(self._pages, mmap.mmap):
+                self._pages.close()
 
 
 class _BatchReader:
@@ -194,6 +268,18 @@ class _BatchReader:
             memoryview(self._keys).cast("B")[: total * self._key_size],
             memoryview(self._values).cast("B")[: total * self._value_size],
         )
+
+
+def _in_slot_order(raw: memoryview) -> list[int]:
+    """Indexes of the entries of a batch read, by their slots (those without one first).
+
+    Samples decoded in this order - and the accountant's records of them, made in the
+    order it first sees them - lie in memory in the order every later poll's slot scan
+    visits them: a busy poll of 100k sockets that walks them at random instead costs
+    about twice as much here (cache misses).
+    """
+    slot_of = slot_column(raw)
+    return sorted(range(len(slot_of)), key=slot_of.__getitem__)
 
 
 class _Program(Protocol):
@@ -306,7 +392,9 @@ class KernelTracer:
         self._round_table = MapHandle(fds["poll_round"], 4, 4)
         self._listeners = MapHandle(fds["listeners"], LISTENER_KEY.size, PROCESS_INFO.size)
         # without slots (kernels before 5.12) no entry names one: fold_slot reads nothing
-        self._slot_table = _SlotTable(fds["slots"], capacities.slots) if "slots" in fds else None
+        self._slot_table = (
+            _SlotTable.mapped(fds["slots"], capacities.slots) if "slots" in fds else None
+        )
         self._slot_view = self._slot_table.view if self._slot_table else memoryview(b"")
         self._round = 0
         self._seen_lost = self._seen_spilled = -1  # -1: the first poll reads everything
@@ -350,13 +438,17 @@ class KernelTracer:
         refresh, current, carried = self._decoder.refresh, self._round, self._carried
         slots = self._slot_view
         rounds = changed_in_column(raw)
-        for index, key in enumerate(raw_keys.cast("B").cast("Q")):
+        keys = raw_keys.cast("B").cast("Q")
+        for index in _in_slot_order(raw):
+            key = keys[index]
             offset = index * SOCK_INFO_SIZE
-            if not fold_slot(raw, offset, key, slots, current):
+            folded = fold_slot(raw, offset, key, slots)
+            if folded is None:
                 continue  # retired since the read: its final counts are being drained
             if rounds[index] == current:
                 carried.add(key)  # see _read_changed
             sample, moved = refresh(raw, before, offset)
+            sample.entry_sent, sample.entry_received = folded
             samples[sample.socket_id] = sample
             if moved:
                 changed.append(sample)
@@ -379,14 +471,18 @@ class KernelTracer:
         if len(keys) > max(1024, len(samples) // 8):
             raw_keys, raw = self._socks.read(delete=False)
             rounds = changed_in_column(raw)
-            for index, key in enumerate(raw_keys.cast("B").cast("Q")):
+            in_batch = raw_keys.cast("B").cast("Q")
+            for index in _in_slot_order(raw):
+                key = in_batch[index]
                 if key in keys:
                     offset = index * SOCK_INFO_SIZE
-                    if not fold_slot(raw, offset, key, slots, current):
+                    folded = fold_slot(raw, offset, key, slots)
+                    if folded is None:
                         continue  # retired since the read (see _read_everything)
                     if rounds[index] == current:
                         carried.add(key)
                     sample, moved = refresh(raw, samples, offset)
+                    sample.entry_sent, sample.entry_received = folded
                     if moved:
                         changed.append(sample)
         else:
@@ -395,11 +491,13 @@ class KernelTracer:
                 found = lookup(key.to_bytes(8, "little"))
                 if found is not None:
                     found = bytearray(found)
-                    if not fold_slot(found, 0, key, slots, current):
+                    folded = fold_slot(found, 0, key, slots)
+                    if folded is None:
                         continue
                     if changed_in(found) == current:
                         carried.add(key)
                     sample, moved = refresh(found, samples)
+                    sample.entry_sent, sample.entry_received = folded
                     if moved:
                         changed.append(sample)
         for sample in changed:
@@ -421,6 +519,8 @@ class KernelTracer:
             except BaseException:
                 self._seen_lost = -1
                 self._report_all = True
+                if self._slot_table is not None:
+                    self._slot_table.forget()
                 self._sequence += 1
                 raise
 
@@ -448,6 +548,14 @@ class KernelTracer:
         for sample in finished:
             samples.pop(sample.socket_id, None)
             gone.discard(sample.socket_id)
+        if self._slot_table is not None:
+            # bytes counted in slots since the last poll (the kernel marked none of them)
+            moved = self._slot_table.scan(samples)
+            if changed:  # an entry read this poll may have moved bytes since in its slot
+                seen = {id(sample) for sample in changed}
+                changed.extend(sample for sample in moved if id(sample) not in seen)
+            else:
+                changed = moved
         if self._report_all:
             changed = list(samples.values())
         live = tuple(samples.values())

@@ -424,10 +424,11 @@ def test_bytes_after_a_read_in_the_round_that_marked_them_come_with_the_next_pol
 
 
 def test_a_settled_live_socket_shows_its_close_at_the_next_poll(harness):
-    """A client socket whose reads found nothing but its counters changed (settled: later
-    reads take its counters only), then reset by its peer while its application still holds
+    """A client socket whose reads found nothing but its counters changed - settled (later
+    reads of its entry take its counters only) or, with a slot, not read again at all (its
+    bytes come from its slot) - then reset by its peer while its application still holds
     it: the next poll shows it CLOSED with the bytes it read (the kernel bumps the entry's
-    version at TCP_CLOSE)."""
+    version at TCP_CLOSE and marks it)."""
     from agent.model import SocketFlag
 
     with listener() as lsock:
@@ -444,7 +445,7 @@ def test_a_settled_live_socket_shows_its_close_at_the_next_poll(harness):
             send_exact(server, 1000)
             recv_exact(client, 1000)
             settled = client_sample()
-        assert settled.settled and not settled.flags & SocketFlag.CLOSED
+        assert settled.received_bytes == 3000 and not settled.flags & SocketFlag.CLOSED
         server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         server.close()
         time.sleep(0.05)

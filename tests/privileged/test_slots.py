@@ -13,7 +13,7 @@ import pytest
 from agent.ebpf import tracing
 from agent.ebpf.backends import plan_backend
 from agent.ebpf.btf import Btf
-from agent.ebpf.decoding import SLOT, SOCK_INFO, SockInfo
+from agent.ebpf.decoding import SLOT, SOCK_INFO, SockInfo, encode_port
 from agent.ebpf.tracing import Capacities, KernelTracer
 from tests.support.harness import (
     Harness,
@@ -21,6 +21,8 @@ from tests.support.harness import (
     exchange,
     listener,
     open_test_tracer,
+    recv_exact,
+    send_exact,
     service_of,
 )
 
@@ -37,8 +39,8 @@ def _entries(tracer: KernelTracer) -> dict[int, SockInfo]:
 
 
 def _slots(tracer: KernelTracer) -> list[tuple[int, int, int, int, int, int]]:
-    """Every slot of the memory-mapped array: (sk, id, sent, received, changed_in,
-    needs_process)."""
+    """Every slot of the memory-mapped array: (sk, id, sent, received, needs_process,
+    spare)."""
     return list(SLOT.iter_unpack(tracer._slot_view[: tracer.capacities.slots * SLOT.size]))
 
 
@@ -62,7 +64,7 @@ def test_a_live_sockets_bytes_are_counted_in_its_slot(harness) -> None:
             for socket_id, sample in ends.items():
                 entry = entries[socket_id]
                 assert entry.slot, "a tracked socket has a slot"
-                sk, owner_id, sent, received, _, needs_process = slots[entry.slot - 1]
+                sk, owner_id, sent, received, needs_process, _ = slots[entry.slot - 1]
                 assert (owner_id, needs_process) == (socket_id, 0)
                 assert sk != 0
                 assert (entry.sent + sent, entry.received + received) == (
@@ -71,6 +73,74 @@ def test_a_live_sockets_bytes_are_counted_in_its_slot(harness) -> None:
                 )
                 # at most the first call's bytes went to the entry (the process unknown)
                 assert sent + received >= 20000 - 3000
+        finally:
+            client.close()
+            server.close()
+
+
+def test_bytes_counted_in_slots_mark_nothing_and_come_with_the_next_poll(harness) -> None:
+    """Once its process is known, a socket's bytes go to its slot and the kernel marks
+    nothing in `changed`: each poll finds them by reading the slots, and reports both ends
+    changed with exact counts."""
+    tracer = harness.tracer
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        try:
+            exchange(client, server, 10, 20)
+            ends = _ends(tracer, lsock.getsockname()[1])
+            assert len(ends) == 2
+            tracer.poll()
+            entries, slots = _entries(tracer), _slots(tracer)
+            keys = {slots[entries[i].slot - 1][0] for i in ends}
+            assert len(keys) == 2 and 0 not in keys
+            sent = received = 0
+            for round_ in range(1, 4):
+                exchange(client, server, 100 * round_, 7 * round_)
+                sent, received = sent + 100 * round_, received + 7 * round_
+                raw_keys, _ = tracer._changes.read(delete=False)
+                marked = set(raw_keys.cast("Q"))
+                tracer._changes.release()
+                assert not keys & marked, "bytes in a slot mark nothing"
+                poll = tracer.poll()
+                moved = sorted(
+                    (s.sent_bytes, s.received_bytes) for s in poll.changed if s.socket_id in ends
+                )
+                client_counts = (10 + sent, 20 + received)
+                assert moved == sorted([client_counts, client_counts[::-1]])
+        finally:
+            client.close()
+            server.close()
+
+
+def test_a_sockets_process_learned_on_the_slot_path_comes_with_the_next_poll(harness) -> None:
+    """An accepted socket whose listener's process is not known (a listener older than the
+    agent that seeding missed: its entry is overwritten with no process here) is tracked
+    without one, so its slot sends the first byte call the slow way. That call sets the
+    process and marks the entry: the next poll shows the process, no later change needed."""
+    tracer = harness.tracer
+    with listener() as lsock:
+        port = lsock.getsockname()[1]
+        netns = os.stat("/proc/self/ns/net").st_ino
+        no_process = tracing.PROCESS_INFO.pack(0, b"")
+        tracer._listeners.update(tracing.LISTENER_KEY.pack(netns, encode_port(port), 0), no_process)
+        client, server = connect_pair(lsock)
+        try:
+            peer_port = server.getpeername()[1]
+
+            def server_end():
+                (end,) = [s for s in tracer.poll().live
+                          if (s.local.port, s.remote.port) == (port, peer_port)]  # fmt: skip
+                return end
+
+            before = server_end()
+            entry = _entries(tracer)[before.socket_id]
+            needs_process = _slots(tracer)[entry.slot - 1][4]
+            assert (before.pid, needs_process) == (0, 1), "tracked with no process"
+            send_exact(server, 3)
+            recv_exact(client, 3)
+            after = server_end()
+            assert (after.pid, after.sent_bytes) == (os.getpid(), 3)
+            assert after.comm
         finally:
             client.close()
             server.close()

@@ -344,38 +344,27 @@ def test_a_read_torn_by_a_change_is_compared_again_at_its_new_version() -> None:
 SK = 0xFFFF_8880_1234_5600
 
 
-def _entry_and_slots(
-    slot: int, owner: int = SK, owner_id: int = 7, changed_round: int = 0
-) -> tuple[bytearray, bytes]:
+def _entry_and_slots(slot: int, owner: int = SK, owner_id: int = 7) -> tuple[bytearray, bytes]:
     info = sock_info(AF_INET, ("198.18.0.9", 8080), ("198.18.0.10", 33000))
     info.id, info.sent, info.received, info.changed_in, info.slot = 7, 5, 2, 3, slot
     slots = bytearray(SLOT.size * 4)
-    SLOT.pack_into(slots, SLOT.size * 2, owner, owner_id, 100, 40, changed_round, 0)
+    SLOT.pack_into(slots, SLOT.size * 2, owner, owner_id, 100, 40, 0, 0)
     return bytearray(bytes(info)), bytes(slots)
 
 
 def test_fold_slot_adds_the_slot_counters_into_the_entry() -> None:
     entry, slots = _entry_and_slots(slot=3)  # index 2
-    assert fold_slot(entry, 0, SK, slots, 9)
+    assert fold_slot(entry, 0, SK, slots) == (5, 2)  # the entry's own
     folded = SockInfo.from_buffer_copy(entry)
     assert (folded.sent, folded.received, folded.changed_in) == (105, 42, 3)
     sample, moved = SampleDecoder().refresh(entry, {})
     assert (sample.sent_bytes, sample.received_bytes, moved) == (105, 42, True)
 
 
-def test_fold_slot_copies_a_mark_made_through_the_slot_in_this_round() -> None:
-    entry, slots = _entry_and_slots(slot=3, changed_round=9)
-    assert fold_slot(entry, 0, SK, slots, 9)
-    assert changed_in(entry) == 9
-    entry, slots = _entry_and_slots(slot=3, changed_round=8)  # an earlier round: not copied
-    assert fold_slot(entry, 0, SK, slots, 9)
-    assert changed_in(entry) == 3
-
-
 def test_fold_slot_leaves_an_entry_without_a_slot_alone() -> None:
     entry, slots = _entry_and_slots(slot=0)
     before = bytes(entry)
-    assert fold_slot(entry, 0, SK, slots, 9)
+    assert fold_slot(entry, 0, SK, slots) == (5, 2)
     assert bytes(entry) == before
 
 
@@ -385,7 +374,32 @@ def test_fold_slot_leaves_an_entry_without_a_slot_alone() -> None:
 def test_fold_slot_refuses_a_slot_that_no_longer_names_the_entry(owner, owner_id) -> None:
     entry, slots = _entry_and_slots(slot=3, owner=owner, owner_id=owner_id)
     before = bytes(entry)
-    assert not fold_slot(entry, 0, SK, slots, 9)
+    assert fold_slot(entry, 0, SK, slots) is None
+    assert bytes(entry) == before
+
+
+def test_fold_slot_refuses_a_slot_whose_owner_changed_while_its_counters_were_read(
+    monkeypatch,
+) -> None:
+    from agent.ebpf import decoding
+
+    entry, slots = _entry_and_slots(slot=3)
+    reads = []
+    real = decoding._SLOT_OWNER
+
+    class Owner:
+        size = real.size
+
+        @staticmethod
+        def unpack_from(buffer, offset=0):
+            reads.append(offset)
+            owner = real.unpack_from(buffer, offset)
+            return owner if len(reads) == 1 else (0, 0)  # freed after the first read
+
+    monkeypatch.setattr(decoding, "_SLOT_OWNER", Owner)
+    before = bytes(entry)
+    assert fold_slot(entry, 0, SK, slots) is None
+    assert reads == [2 * SLOT.size, 2 * SLOT.size]  # before and after the counters
     assert bytes(entry) == before
 
 
@@ -393,6 +407,6 @@ def test_fold_slot_works_at_an_offset_of_a_batch_buffer() -> None:
     first, slots = _entry_and_slots(slot=0)
     second, _ = _entry_and_slots(slot=3)
     buffer = memoryview(bytearray(bytes(first) + bytes(second)))
-    assert fold_slot(buffer, SOCK_INFO.size, SK, slots, 9)
+    assert fold_slot(buffer, SOCK_INFO.size, SK, slots) == (5, 2)
     assert SockInfo.from_buffer_copy(buffer[SOCK_INFO.size :]).sent == 105
     assert SockInfo.from_buffer_copy(buffer[: SOCK_INFO.size]).sent == 5
