@@ -30,6 +30,7 @@ import time
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import compress
 from pathlib import Path
 from typing import Protocol
 
@@ -174,32 +175,34 @@ class _SlotTable:
         whose owner changed between is skipped (its socket was retired; its final counts
         are in the closed map), and so is a slot whose owner has no sample yet (its new
         entry is marked changed and read with the slot folded in)."""
-        moved = []
-        words, per_chunk, get = self._words, self.CHUNK_SLOTS * SLOT_WORDS, samples.get
+        moved: list[SocketSample] = []
+        add, get = moved.append, samples.get
+        words, per_chunk = self._words, self.CHUNK_SLOTS * SLOT_WORDS
         last = self._size // 8  # the word after the last slot (the mapping is page-rounded)
         for chunk in self._moved_chunks():
             first = chunk * per_chunk
             end = min(first + per_chunk, last)
             ids = words[first + 1 : end : SLOT_WORDS].tolist()
+            if not any(ids):
+                continue  # slots taken and freed again since the last scan (churn)
             sent = words[first + 2 : end : SLOT_WORDS].tolist()
             received = words[first + 3 : end : SLOT_WORDS].tolist()
             again = words[first + 1 : end : SLOT_WORDS].tolist()
-            columns = zip(ids, sent, received, again, strict=True)
-            for sid, slot_sent, slot_received, check in columns:
-                if not sid or sid != check:
-                    continue
-                sample = get(sid)
+            if ids != again:  # an owner changed between the reads: skip its slot
+                ids = [sid if sid == check else 0 for sid, check in zip(ids, again, strict=True)]
+            for index in compress(range(len(ids)), ids):  # the slots that have an owner
+                sample = get(ids[index])
                 if sample is None:
                     continue
-                sent = sample.entry_sent + slot_sent
-                received = sample.entry_received + slot_received
+                now_sent = sample.entry_sent + sent[index]
+                now_received = sample.entry_received + received[index]
                 before_sent, before_received = sample.sent_bytes, sample.received_bytes
-                if sent == before_sent and received == before_received:
-                    continue
-                if sent < before_sent or received < before_received:
-                    continue  # never lower a count
-                sample.sent_bytes, sample.received_bytes = sent, received
-                moved.append(sample)
+                # moved, and neither count lower than before (never lower a count)
+                if (now_sent > before_sent and now_received >= before_received) or (
+                    now_received > before_received and now_sent >= before_sent
+                ):
+                    sample.sent_bytes, sample.received_bytes = now_sent, now_received
+                    add(sample)
         return moved
 
     def close(self) -> None:
@@ -270,8 +273,9 @@ class _BatchReader:
         )
 
 
-def _in_slot_order(raw: memoryview) -> list[int]:
-    """Indexes of the entries of a batch read, by their slots (those without one first).
+def _in_slot_order(raw: memoryview, indexes: list[int] | None = None) -> list[int]:
+    """Indexes of the entries of a batch read (all, or ``indexes`` of them), by their
+    slots, those without one first: entries with slots 3, 0, 1 -> ``[1, 2, 0]``.
 
     Samples decoded in this order - and the accountant's records of them, made in the
     order it first sees them - lie in memory in the order every later poll's slot scan
@@ -279,7 +283,7 @@ def _in_slot_order(raw: memoryview) -> list[int]:
     about twice as much here (cache misses).
     """
     slot_of = slot_column(raw)
-    return sorted(range(len(slot_of)), key=slot_of.__getitem__)
+    return sorted(range(len(slot_of)) if indexes is None else indexes, key=slot_of.__getitem__)
 
 
 class _Program(Protocol):
@@ -472,19 +476,19 @@ class KernelTracer:
             raw_keys, raw = self._socks.read(delete=False)
             rounds = changed_in_column(raw)
             in_batch = raw_keys.cast("B").cast("Q")
-            for index in _in_slot_order(raw):
+            wanted = [index for index, key in enumerate(in_batch) if key in keys]
+            for index in _in_slot_order(raw, wanted):
                 key = in_batch[index]
-                if key in keys:
-                    offset = index * SOCK_INFO_SIZE
-                    folded = fold_slot(raw, offset, key, slots)
-                    if folded is None:
-                        continue  # retired since the read (see _read_everything)
-                    if rounds[index] == current:
-                        carried.add(key)
-                    sample, moved = refresh(raw, samples, offset)
-                    sample.entry_sent, sample.entry_received = folded
-                    if moved:
-                        changed.append(sample)
+                offset = index * SOCK_INFO_SIZE
+                folded = fold_slot(raw, offset, key, slots)
+                if folded is None:
+                    continue  # retired since the read (see _read_everything)
+                if rounds[index] == current:
+                    carried.add(key)
+                sample, moved = refresh(raw, samples, offset)
+                sample.entry_sent, sample.entry_received = folded
+                if moved:
+                    changed.append(sample)
         else:
             lookup = self._entries.lookup
             for key in keys:

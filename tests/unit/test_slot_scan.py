@@ -131,3 +131,20 @@ def test_a_table_smaller_than_a_chunk_in_a_page_rounded_mapping() -> None:
     buffer[2 * SLOT.size + 8] = 1  # past the slots: never read as one
     assert table.scan({5: sample}) == [sample]
     assert (sample.sent_bytes, sample.received_bytes) == (8, 9)
+
+
+def test_batch_entries_are_decoded_in_slot_order() -> None:
+    """Entries with slots 3, 0 (none), 1 -> the one without a slot, then slot 1, then 3;
+    of a subset, only those."""
+    from agent.ebpf.decoding import SockInfo, slot_column
+    from agent.ebpf.tracing import _in_slot_order
+
+    entries = []
+    for slot in (3, 0, 1):
+        info = SockInfo()
+        info.slot = slot
+        entries.append(bytes(info))
+    raw = memoryview(b"".join(entries))
+    assert list(slot_column(raw)) == [3, 0, 1]
+    assert _in_slot_order(raw) == [1, 2, 0]
+    assert _in_slot_order(raw, [0, 2]) == [2, 0]
