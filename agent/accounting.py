@@ -252,7 +252,8 @@ class Accountant:
                     vanish_candidates = {*poll.gone, *self._missing}
                 else:
                     pending = (live_ids - self._tracked.keys()) | (self._held & live_ids)
-                pending -= {sample.socket_id for sample in poll.changed}
+                if pending:  # usually none: no 100k-id set for a busy poll
+                    pending -= {sample.socket_id for sample in poll.changed}
                 todo = [*poll.changed, *(by_id[sid] for sid in pending)]
             # The index holds each socket's newest sample (no older copy stays alive); a
             # sample the reader updated in place (only its counters moved) is already there

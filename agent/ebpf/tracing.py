@@ -556,8 +556,9 @@ class KernelTracer:
             # bytes counted in slots since the last poll (the kernel marked none of them)
             moved = self._slot_table.scan(samples)
             if changed:  # an entry read this poll may have moved bytes since in its slot
-                seen = {id(sample) for sample in changed}
-                changed.extend(sample for sample in moved if id(sample) not in seen)
+                also_moved = set(map(id, moved))
+                changed = [sample for sample in changed if id(sample) not in also_moved]
+                changed.extend(moved)
             else:
                 changed = moved
         if self._report_all:

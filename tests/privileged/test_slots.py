@@ -146,6 +146,40 @@ def test_a_sockets_process_learned_on_the_slot_path_comes_with_the_next_poll(har
             server.close()
 
 
+def test_a_socket_read_from_its_entry_and_its_slot_in_one_poll_is_reported_once(
+    harness,
+) -> None:
+    """A new socket's entry is read (it was marked), then it moves bytes in its slot before
+    the same poll scans the slots: the poll reports it once, with every byte."""
+    tracer = harness.tracer
+    tracer.poll()
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        try:
+            send_exact(client, 1)  # the first byte call of each end marks its entry too
+            recv_exact(server, 1)
+            read_entries = tracer._read_changed
+
+            def read_then_move(keys):
+                read = read_entries(keys)
+                send_exact(client, 5)  # counted in the slot after the entry was read
+                recv_exact(server, 5)
+                return read
+
+            tracer._read_changed = read_then_move
+            try:
+                poll = tracer.poll()
+            finally:
+                tracer._read_changed = read_entries
+            port = lsock.getsockname()[1]
+            mine = [s for s in poll.changed if port in (s.local.port, s.remote.port)]
+            assert len(mine) == len({s.socket_id for s in mine}) == 2
+            assert sorted((s.sent_bytes, s.received_bytes) for s in mine) == [(0, 6), (6, 0)]
+        finally:
+            client.close()
+            server.close()
+
+
 def test_a_retired_socket_frees_its_slot(harness) -> None:
     with listener() as lsock:
         client, server = connect_pair(lsock)
