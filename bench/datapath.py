@@ -215,7 +215,8 @@ def _run_workload(probe: AgentProbe, work: _Workload, pairs: int) -> _Series:
     for pair in range(pairs):
         for mode in ("on", "off") if pair % 2 == 0 else ("off", "on"):
             (_on if mode == "on" else _off)(probe)
-            before = probe.request({"cmd": "report", "ports": [0]})["unattributed"]
+            # marks the accountant's totals: the round's are compared as differences
+            before = probe.request({"cmd": "report", "ports": [0], "mark": True})["unattributed"]
             started = time.monotonic()
             moved = work.run()
             series.round_seconds.append(time.monotonic() - started)

@@ -22,6 +22,8 @@ command                             answer
                                     those ports has finished (a FIN the loopback backlog
                                     dropped is resent after 200 ms+), at most 5 s
 ``{"cmd": "report", "ports": [P]}`` ledger sockets and accountant totals for those ports
+                                    (since the last ``"mark": true`` report: a workload's
+                                    server port may be one an earlier workload used)
 ``{"cmd": "stats"}``                poller thread's polls and CPU per poll, RSS
 ``{"cmd": "detach"}``               detach every hook (programs stay loaded, maps kept) and
                                     pause the poller: the data path as with no agent
@@ -113,6 +115,8 @@ class ProbedAgent:
         self.accounting = True  # False: hooks-only rounds (see discard_raw)
         self.watched: set[int] | None = set()  # None: every socket
         self.ledger: dict[int, SocketSample] = {}
+        # accountant totals (service, metric, reporter) when the last round began
+        self.marked: dict[tuple[str, str, str], int] = {}
         self.poller_cpu: list[float] = []
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -202,10 +206,14 @@ class ProbedAgent:
                 return
             time.sleep(0.05)
 
-    def report(self, ports: set[int]) -> dict[str, Any]:
+    def report(self, ports: set[int], mark: bool = False) -> dict[str, Any]:
         """Ledger sockets on ``ports`` (forgotten once reported) and the accountant's totals
-        for services ``127.0.0.1:<port>``."""
+        for services ``127.0.0.1:<port>``, less what they were at the last ``mark`` (a
+        listener's ephemeral port can be one an earlier workload's server had: its series
+        already holds that workload's counts). ``mark``: remember every total now."""
         with self.lock:
+            if mark:
+                self.marked = self._service_totals(None)
             reported = [
                 s for s in self.ledger.values() if s.local.port in ports or s.remote.port in ports
             ]
@@ -213,24 +221,32 @@ class ProbedAgent:
                 del self.ledger[sample.socket_id]
             sockets = [sample_record(s) for s in reported]
             services: dict[str, dict[str, dict[str, int]]] = {}
-            for family in self.accountant.families():
-                if SERVICE_LABEL not in family.label_names:
-                    continue
-                at = family.label_names.index(SERVICE_LABEL)
-                by_reporter = family.label_names.index("reporter")
-                for labels, value in family.samples.items():
-                    port = labels[at].rsplit(":", 1)[-1]
-                    if not port.isdigit() or int(port) not in ports:
-                        continue
-                    metric = services.setdefault(labels[at], {}).setdefault(family.name, {})
-                    reporter = labels[by_reporter]
-                    metric[reporter] = metric.get(reporter, 0) + value
+            for (service, name, reporter), value in self._service_totals(ports).items():
+                metric = services.setdefault(service, {}).setdefault(name, {})
+                metric[reporter] = value - self.marked.get((service, name, reporter), 0)
             stats = self.accountant.stats()
         return {
             "sockets": sockets,
             "services": services,
             "unattributed": [stats.unattributed_sent_bytes, stats.unattributed_received_bytes],
         }
+
+    def _service_totals(self, ports: set[int] | None) -> dict[tuple[str, str, str], int]:
+        """The accountant's totals by (service, metric, reporter), of services on ``ports``
+        (None: all), summed over the other labels."""
+        totals: dict[tuple[str, str, str], int] = {}
+        for family in self.accountant.families():
+            if SERVICE_LABEL not in family.label_names:
+                continue
+            at = family.label_names.index(SERVICE_LABEL)
+            by_reporter = family.label_names.index("reporter")
+            for labels, value in family.samples.items():
+                port = labels[at].rsplit(":", 1)[-1]
+                if ports is not None and (not port.isdigit() or int(port) not in ports):
+                    continue
+                key = (labels[at], family.name, labels[by_reporter])
+                totals[key] = totals.get(key, 0) + value
+        return totals
 
     def detach(self) -> None:
         """Detach every hook; the BPF programs and maps stay loaded."""
@@ -304,7 +320,7 @@ def serve(agent: ProbedAgent) -> None:
                 agent.poll()
             _answer({"ok": True})
         elif name == "report":
-            _answer(agent.report(set(command["ports"])))
+            _answer(agent.report(set(command["ports"]), bool(command.get("mark"))))
         elif name == "stats":
             _answer({"poller_cpu_s": agent.poller_cpu, **memory_kib()})
         elif name == "run_time_stats":

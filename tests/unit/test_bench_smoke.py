@@ -194,3 +194,27 @@ def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
     assert "~0.0 us of dispatch (the empty program's -338 ns per run is noise" in text
     assert "= 6.0 us on a connection's 100 us agent-off" in text
     assert "keep at most ~0.943" in text  # 100 / 106
+
+
+def test_a_reports_service_totals_are_counted_from_the_rounds_mark() -> None:
+    """A listener's ephemeral port can be one an earlier workload's server had: the
+    accountant's series for it already holds that workload's counts (one 120000-byte
+    connection, as a churn round found), so a round's totals are taken from its mark."""
+    from agent.accounting import AccountingStats, FamilySnapshot
+    from bench.probe import SERVICE_LABEL, ProbedAgent
+
+    labels = ("reporter", SERVICE_LABEL)
+    totals = {("source", "127.0.0.1:80"): 120_000}
+
+    class Accountant:
+        def families(self):
+            return [FamilySnapshot("istio_tcp_received_bytes_total", "", labels, dict(totals))]
+
+        def stats(self):
+            return AccountingStats(0, 0, 0, 0, 0, 0, 0)
+
+    agent = ProbedAgent(tracer=None, accountant=Accountant(), interval=0)  # type: ignore[arg-type]
+    agent.report({0}, mark=True)
+    totals[("source", "127.0.0.1:80")] += 768_000  # this round's workload
+    services = agent.report({80})["services"]
+    assert services == {"127.0.0.1:80": {"istio_tcp_received_bytes_total": {"source": 768_000}}}
