@@ -32,9 +32,9 @@
 // moved by reading it. Its entry in `socks` keeps identity, version and any bytes counted
 // before it had a slot. A socket's counts are entry + slot: user space adds them while the
 // slot still names the entry (slot.sk and slot.id), and retire() adds them into the final
-// record before the slot is freed. A socket that finds no free slot counts in its entry as before,
-// and so does every socket when SLOTS is not defined (kernels without compare-and-swap on
-// map values, before 5.12).
+// record before the slot is freed. A socket that finds no free slot counts in its entry as
+// before, and so does every socket when SLOTS is not defined (kernels without
+// compare-and-swap on map values, before 5.12).
 
 #define TCPACCT_AF_INET 2
 #define TCPACCT_AF_INET6 10
@@ -140,21 +140,16 @@ static __always_inline void count(u32 index, u64 value)
         __sync_fetch_and_add(counter, value); // a softirq may interrupt us on this CPU
 }
 
-static __always_inline void mark_round(u64 key, u32 *changed_in)
+static __always_inline void mark_changed(u64 key, struct sock_info *entry)
 {
     int zero = 0;
     u32 *round = poll_round.lookup(&zero);
-    if (!round || *changed_in == *round)
+    if (!round || entry->changed_in == *round)
         return;
-    *changed_in = *round;
+    entry->changed_in = *round;
     u8 one = 1;
     if (changed.update(&key, &one) != 0)
         count(C_CHANGES_LOST, 1);
-}
-
-static __always_inline void mark_changed(u64 key, struct sock_info *entry)
-{
-    mark_round(key, &entry->changed_in);
 }
 
 #ifdef SLOTS
@@ -418,12 +413,12 @@ static __always_inline void count_bytes(void *sk, u64 bytes, int direction)
     if (!entry->tgid) {
         set_current_process(entry);
         bump_version(entry);
+        mark_changed(key, entry); // user space reads the process
     }
     slot = slot_of(key, entry);
     if (slot) {
         slot->needs_process = 0; // the entry has its process: the hot path from now on
         add_to_slot(slot, bytes, direction);
-        mark_changed(key, entry); // user space reads the process (once per socket)
         return;
     }
     if (direction == DIR_SENT)

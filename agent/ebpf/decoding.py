@@ -97,14 +97,6 @@ def changed_in(raw: bytes | memoryview, offset: int = 0) -> int:
     return _CHANGED_IN.unpack_from(raw, offset)[0]
 
 
-def changed_in_column(raw: memoryview) -> Sequence[int]:
-    """Every entry's ``changed_in`` in a buffer of whole ``struct sock_info`` entries, as a
-    strided view (no copy): ``changed_in_column(buffer)[3] == changed_in(buffer, 3 * 104)``.
-    """
-    words = raw.cast("B").cast("I")  # u32 words; changed_in is word 22 of each 26
-    return words[_CHANGED_IN.size // 4 - 1 :: SOCK_INFO.size // 4]
-
-
 def slot_column(raw: memoryview) -> Sequence[int]:
     """Every entry's ``slot`` (index + 1 of its slot, 0: none) in a buffer of whole
     ``struct sock_info`` entries, as a strided view: entries with slots 3 and 0 ->

@@ -54,7 +54,6 @@ from agent.ebpf.decoding import (
     SampleDecoder,
     SockInfo,
     changed_in,
-    changed_in_column,
     decode_comm,
     decode_counters,
     encode_port,
@@ -433,26 +432,42 @@ class KernelTracer:
             sums.append(sum(self._per_cpu.unpack(raw)) if raw else 0)
         return sums
 
+    def _read_entry(
+        self,
+        raw: bytearray | memoryview,
+        offset: int,
+        key: int,
+        previous: Mapping[int, SocketSample],
+    ) -> tuple[SocketSample, bool] | None:
+        """The entry at ``offset`` of ``raw`` (socket map key ``key``), its slot folded in
+        -> (its sample, whether it moved), as SampleDecoder.refresh; None when it was
+        retired since the read (its final counts are being drained).
+
+        An entry marked in the round this poll started was marked after the round began:
+        a later change in the same round marks nothing, so its key is carried to the next
+        poll (else bytes it moves after this read would wait for its next mark or close).
+        """
+        own = fold_slot(raw, offset, key, self._slot_view)
+        if own is None:
+            return None
+        if changed_in(raw, offset) == self._round:
+            self._carried.add(key)
+        sample, moved = self._decoder.refresh(raw, previous, offset)
+        sample.entry_sent, sample.entry_received = own
+        return sample, moved
+
     def _read_everything(self) -> list[SocketSample]:
         """Every live entry, decoded; returns the ones that differ from the last poll."""
         raw_keys, raw = self._socks.read(delete=False)
         before = self._samples
         samples = {}
         changed = []
-        refresh, current, carried = self._decoder.refresh, self._round, self._carried
-        slots = self._slot_view
-        rounds = changed_in_column(raw)
         keys = raw_keys.cast("B").cast("Q")
         for index in _in_slot_order(raw):
-            key = keys[index]
-            offset = index * SOCK_INFO_SIZE
-            folded = fold_slot(raw, offset, key, slots)
-            if folded is None:
-                continue  # retired since the read: its final counts are being drained
-            if rounds[index] == current:
-                carried.add(key)  # see _read_changed
-            sample, moved = refresh(raw, before, offset)
-            sample.entry_sent, sample.entry_received = folded
+            read = self._read_entry(raw, index * SOCK_INFO_SIZE, keys[index], before)
+            if read is None:
+                continue
+            sample, moved = read
             samples[sample.socket_id] = sample
             if moved:
                 changed.append(sample)
@@ -462,48 +477,24 @@ class KernelTracer:
 
     def _read_changed(self, keys: set[int]) -> list[SocketSample]:
         """The entries at ``keys``: one lookup each, or one batch read of the whole map
-        when so many changed that a batch read is cheaper.
-
-        An entry marked in the round this poll started was marked after the round began:
-        a later change in the same round marks nothing, so its key is carried to the next
-        poll (else bytes it moves after this read would wait for its next mark or close).
-        """
-        changed = []
+        when so many changed that a batch read is cheaper."""
         samples = self._samples
-        refresh, current, carried = self._decoder.refresh, self._round, self._carried
-        slots = self._slot_view
+        reads = []
         if len(keys) > max(1024, len(samples) // 8):
             raw_keys, raw = self._socks.read(delete=False)
-            rounds = changed_in_column(raw)
             in_batch = raw_keys.cast("B").cast("Q")
             wanted = [index for index, key in enumerate(in_batch) if key in keys]
             for index in _in_slot_order(raw, wanted):
-                key = in_batch[index]
-                offset = index * SOCK_INFO_SIZE
-                folded = fold_slot(raw, offset, key, slots)
-                if folded is None:
-                    continue  # retired since the read (see _read_everything)
-                if rounds[index] == current:
-                    carried.add(key)
-                sample, moved = refresh(raw, samples, offset)
-                sample.entry_sent, sample.entry_received = folded
-                if moved:
-                    changed.append(sample)
+                reads.append(
+                    self._read_entry(raw, index * SOCK_INFO_SIZE, in_batch[index], samples)
+                )
         else:
             lookup = self._entries.lookup
             for key in keys:
                 found = lookup(key.to_bytes(8, "little"))
                 if found is not None:
-                    found = bytearray(found)
-                    folded = fold_slot(found, 0, key, slots)
-                    if folded is None:
-                        continue
-                    if changed_in(found) == current:
-                        carried.add(key)
-                    sample, moved = refresh(found, samples)
-                    sample.entry_sent, sample.entry_received = folded
-                    if moved:
-                        changed.append(sample)
+                    reads.append(self._read_entry(bytearray(found), 0, key, samples))
+        changed = [read[0] for read in reads if read is not None and read[1]]
         for sample in changed:
             samples[sample.socket_id] = sample
         return changed

@@ -156,7 +156,7 @@ def test_a_socket_read_from_its_entry_and_its_slot_in_one_poll_is_reported_once(
     with listener() as lsock:
         client, server = connect_pair(lsock)
         try:
-            send_exact(client, 1)  # the first byte call of each end marks its entry too
+            send_exact(client, 1)  # each end's first byte clears needs_process (slow path)
             recv_exact(server, 1)
             read_entries = tracer._read_changed
 

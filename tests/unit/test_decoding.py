@@ -17,7 +17,6 @@ from agent.ebpf.decoding import (
     SampleDecoder,
     SockInfo,
     changed_in,
-    changed_in_column,
     decode_address,
     decode_comm,
     decode_counters,
@@ -175,18 +174,7 @@ def test_changed_in_reads_the_round_field() -> None:
     info.changed_in = 0xDEADBEEF
     assert changed_in(bytes(info)) == 0xDEADBEEF
     assert changed_in(memoryview(bytes(info))) == 0xDEADBEEF
-
-
-def test_changed_in_column_reads_every_entry_of_a_buffer() -> None:
-    entries = []
-    for index in range(3):
-        info = sock_info(AF_INET, ("198.18.0.9", 8080 + index), ("198.18.0.10", 33000))
-        info.changed_in = 100 + index
-        entries.append(bytes(info))
-    column = changed_in_column(memoryview(b"".join(entries)))
-    assert list(column) == [100, 101, 102]
-    assert [changed_in(b"".join(entries), 104 * i) for i in range(3)] == [100, 101, 102]
-    assert list(changed_in_column(memoryview(b""))) == []
+    assert changed_in(bytes(SOCK_INFO.size) + bytes(info), SOCK_INFO.size) == 0xDEADBEEF
 
 
 def test_decode_sample_from_a_raw_buffer() -> None:

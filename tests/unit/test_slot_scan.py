@@ -70,12 +70,22 @@ def test_only_chunks_that_changed_are_read() -> None:
     assert table._moved_chunks() == [0, 1, 2, 3]
 
 
-def test_free_slots_and_owners_without_a_sample_are_skipped() -> None:
+def test_an_owner_without_a_sample_is_left_to_its_entrys_read() -> None:
+    """Slot 5's socket has no sample yet (its entry, marked when it was tracked, is read
+    later with the slot folded in): the scan passes it by, and once the sample exists only
+    what the slot counts after that read is added. A free slot (id 0) next to it, whose
+    counters were not zeroed yet, is never anyone's."""
     buffer = bytearray(SLOTS * SLOT.size)
     table = _SlotTable(buffer, SLOTS)
-    _put(buffer, 4, 0, 500, 500)  # free (a freed slot's counters are zero; here not)
-    _put(buffer, 5, 11, 70, 0)  # a socket whose entry has not been read yet
+    _put(buffer, 4, 0, 500, 500)
+    _put(buffer, 5, 11, 70, 0)
     assert table.scan({}) == []
+    sample = _sample(11, 70, 0, (70, 0))  # read from its entry: 0 own + 70 in the slot
+    assert table.scan({11: sample}) == []  # nothing moved since: not counted again
+    _put(buffer, 5, 11, 75, 0)
+    _put(buffer, 4, 0, 900, 900)
+    assert table.scan({11: sample}) == [sample]
+    assert (sample.sent_bytes, sample.received_bytes) == (75, 0)
 
 
 def test_a_count_never_goes_down() -> None:
