@@ -545,13 +545,17 @@ class KernelTracer:
             gone.discard(sample.socket_id)
         if self._slot_table is not None:
             # bytes counted in slots since the last poll (the kernel marked none of them)
+            read = [(sample.sent_bytes, sample.received_bytes) for sample in changed]
             moved = self._slot_table.scan(samples)
-            if changed:  # an entry read this poll may have moved bytes since in its slot
-                also_moved = set(map(id, moved))
-                changed = [sample for sample in changed if id(sample) not in also_moved]
-                changed.extend(moved)
-            else:
-                changed = moved
+            # An entry read this poll may have moved bytes since in its slot: the scan
+            # returns exactly the samples whose counts it raised, so the ones whose counts
+            # are as read are not among them (no set of the 100k moved ones needed).
+            changed = [
+                sample
+                for sample, counts in zip(changed, read, strict=True)
+                if (sample.sent_bytes, sample.received_bytes) == counts
+            ]
+            changed.extend(moved)
         if self._report_all:
             changed = list(samples.values())
         live = tuple(samples.values())
