@@ -994,6 +994,9 @@ def test_a_catalogue_that_reads_ports_names_every_finished_socket(tmp_path) -> N
             st.integers(0, 1000),
             st.sampled_from(("both", "client", "server")),
             st.booleans(),  # live first, finished in a later poll
+            # how it ended: opened and closed; a connect that failed (never opened); older
+            # than the agent
+            st.sampled_from((FINAL, CLOSED | DESTROYED, PREEXISTING | CLOSED | DESTROYED)),
         ),
         max_size=25,
     )
@@ -1004,12 +1007,12 @@ def test_naming_by_key_counts_what_naming_every_socket_counts(connections) -> No
     by_key, each = CountingEnricher(), CountingEnricher(keys=False)
     accountants = [Accountant(load_catalogue([]), e) for e in (by_key, each)]
     next_id = 0
-    for number, sent, received, ends, live_first in connections:
+    for number, sent, received, ends, live_first, ended in connections:
         client, server = loopback_pair(number, sent=sent, received=received)
         renumbered = []
         for view in (client, server):
             next_id += 1
-            renumbered.append(dataclasses.replace(view, socket_id=next_id))
+            renumbered.append(dataclasses.replace(view, socket_id=next_id, flags=ended))
         kept = [s for s, name in zip(renumbered, ("client", "server"), strict=True)
                 if ends in ("both", name)]  # fmt: skip
         for accountant in accountants:
