@@ -237,6 +237,27 @@ class PeerIdentity:
     def __hash__(self) -> int:
         return hash((self.workload, self.namespace, self.uid, self.ip, self.port))
 
+    def at_address(self, ip: str, port: int) -> PeerIdentity:
+        """The same peer seen at another address: ``PeerIdentity(workload="web",
+        ip="198.18.0.5").at_address("198.18.0.5", 41000)`` -> web at 198.18.0.5:41000.
+        What ``dataclasses.replace(self, ip=ip, port=port)`` gives, for a fifth of its cost
+        (Kubernetes mode makes one per connection end)."""
+        return PeerIdentity(
+            self.workload,
+            self.namespace,
+            self.principal,
+            self.app,
+            self.version,
+            self.canonical_service,
+            self.canonical_revision,
+            self.cluster,
+            self.uid,
+            self.pod_name,
+            ip,
+            port,
+            self.labels,
+        )
+
 
 @dataclass(slots=True, unsafe_hash=True)
 class ServiceIdentity:

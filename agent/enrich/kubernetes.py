@@ -28,6 +28,7 @@ Protocols below, which ``KubernetesCache``, ``NetnsResolver``, ``CgroupResolver`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -88,9 +89,12 @@ class NatTable(Protocol):
     ) -> tuple[Endpoint, Endpoint] | None: ...
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class _End:
-    """One resolved end: its identity, and whether waiting a poll could name it better."""
+    """One resolved end: its identity, and whether waiting a poll could name it better.
+
+    Not changed once made; not frozen for the constructor's cost (as PeerIdentity): a churn
+    makes two or three per socket."""
 
     identity: PeerIdentity
     pending: bool = False
@@ -99,10 +103,13 @@ class _End:
 
 def _pod_end(pod: PeerIdentity, endpoint: Endpoint) -> _End:
     """A pod found in the directory, at the address and port this connection uses."""
-    return _End(dataclasses.replace(pod, ip=endpoint.address, port=endpoint.port), pod_ip=pod.ip)
+    return _End(pod.at_address(endpoint.address, endpoint.port), pod_ip=pod.ip)
 
 
+@functools.lru_cache(maxsize=65536)
 def _is_loopback(address: str) -> bool:
+    """``"127.0.0.1"`` -> True, ``"::1"`` -> True, ``"198.18.0.5"`` -> False; remembered
+    (a node sees few addresses, each in many connections: parsing one costs microseconds)."""
     try:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
@@ -216,7 +223,7 @@ class KubernetesEnricher:
                 return _pod_end(pod, address)
         if _is_loopback(address.address):
             # Same network namespace: the same pod (host-network pods have a peer socket).
-            identity = dataclasses.replace(local.identity, ip=address.address, port=address.port)
+            identity = local.identity.at_address(address.address, address.port)
             return _End(identity, pending=local.pending, pod_ip=local.pod_ip)
         return self._by_address(address, at)
 
