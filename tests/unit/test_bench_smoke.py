@@ -218,3 +218,18 @@ def test_a_reports_service_totals_are_counted_from_the_rounds_mark() -> None:
     totals[("source", "127.0.0.1:80")] += 768_000  # this round's workload
     services = agent.report({80})["services"]
     assert services == {"127.0.0.1:80": {"istio_tcp_received_bytes_total": {"source": 768_000}}}
+
+
+def test_k8s_accounting_polls_are_new_connections_whose_ends_mirror_each_other() -> None:
+    """bench.k8s_cache's accounting figure must measure sockets the accountant has never
+    seen: ids of consecutive polls must not overlap, and each client's peer is its server."""
+    from agent.model import Role
+    from bench.k8s_cache import CONNECTIONS_PER_POLL, finished_pairs
+
+    polls = [finished_pairs(number) for number in (0, 1)]
+    ids = [s.socket_id for poll in polls for s in poll]
+    assert len(ids) == len(set(ids)) == 4 * CONNECTIONS_PER_POLL
+    client, server = polls[1][0], polls[1][1]
+    assert (client.role, server.role) == (Role.CLIENT, Role.SERVER)
+    assert (client.local, client.remote) == (server.remote, server.local)
+    assert server.local.port == 8080
