@@ -11,6 +11,7 @@ Nothing here does I/O or imports a third-party package.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -71,10 +72,13 @@ class Endpoint:
         return f"{self.address}:{self.port}"
 
 
+@functools.lru_cache(maxsize=65536)
 def fold_address(address: str) -> str:
     """Canonical text of an address, IPv4-mapped IPv6 folded to IPv4.
 
     ``"::ffff:198.18.0.1"`` -> ``"198.18.0.1"``; ``"2001:DB8::0:1"`` -> ``"2001:db8::1"``.
+    Remembered: a node folds the same few addresses for many connections (parsing one
+    costs microseconds).
     """
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
