@@ -132,6 +132,11 @@ class KubernetesCache:
         self._identities: BoundedMemo[tuple[int, str, str], tuple[PodRecord, PeerIdentity]] = (
             BoundedMemo(65536)
         )
+        # pod_by_ip's answers: address -> (generation, since, identity). Every record change
+        # bumps the generation, so an answer holds while nothing changed, for any time from
+        # ``since`` on (its address had one holder, which still holds it)
+        self._generation = 0
+        self._answers: BoundedMemo[str, tuple[int, float, PeerIdentity]] = BoundedMemo(65536)
         if kinds is None and api_client is not None:
             kinds = resource_kinds(api_client)
         self._watchers = [
@@ -184,12 +189,24 @@ class KubernetesCache:
         that got it last wins.
         """
         folded = self._fold(address)
+        if not folded:
+            with self._lock:
+                self._misses["pod_by_ip"] += 1
+            return None
         with self._lock:
-            pod = self._holder(folded, self._clock() if at is None else at) if folded else None
+            when = self._clock() if at is None else at
+            answer = self._answers.get(folded)
+            if answer is not None and answer[0] == self._generation and when >= answer[1]:
+                return answer[2]
+            pod = self._holder(folded, when)
             if pod is None:
                 self._misses["pod_by_ip"] += 1
                 return None
-            return self._peer(pod, folded or "")
+            identity = self._peer(pod, folded)
+            holdings = self._holdings[folded]
+            if len(holdings) == 1 and holdings[0].end is None and holdings[0].start <= when:
+                self._answers.keep(folded, (self._generation, holdings[0].start, identity))
+            return identity
 
     def pod_by_uid(self, uid: str) -> PeerIdentity | None:
         """A live or recently deleted pod by its UID (as cgroup paths name it).
@@ -291,6 +308,7 @@ class KubernetesCache:
 
     def upsert(self, kind: str, record: Record) -> None:
         with self._lock:
+            self._generation += 1  # pod_by_ip's remembered answers no longer hold
             now = self._clock()
             if isinstance(record, PodRecord):
                 self._upsert_pod(record, now)
@@ -314,6 +332,7 @@ class KubernetesCache:
 
     def remove(self, kind: str, record: Record) -> None:
         with self._lock:
+            self._generation += 1
             now = self._clock()
             key = self._key(kind, record)
             if isinstance(record, PodRecord):

@@ -129,3 +129,33 @@ def test_five_thousand_pods_stay_small() -> None:
         tracemalloc.stop()
     assert cache.stats().objects["pods"] == 5000
     assert used < 8 * 1024 * 1024, used
+
+
+def test_a_remembered_answer_is_dropped_when_any_record_changes() -> None:
+    """pod_by_ip remembers an address's answer while nothing changed: asked again - at the
+    same or a later time - after its pod left and another took the address, or after its
+    owner became known, it answers from the records as they are now."""
+    clock = Clock(T0 + 10)
+    cache = KubernetesCache(clock=clock, retention_seconds=300)
+    old = decode_pod(pod("old-5d8f9-a", "ns", "198.18.0.5", uid="u-old", created=created(T0),
+                         owner=("ReplicaSet", "old-5d8f9")))  # fmt: skip
+    cache.upsert("pods", old)
+    first = cache.pod_by_ip("198.18.0.5", at=T0 + 20)
+    assert first.pod_name == "old-5d8f9-a"
+    assert cache.pod_by_ip("198.18.0.5", at=T0 + 30) is first  # remembered
+    cache.upsert("replicasets", decode_owned("old-5d8f9", "web"))
+    assert cache.pod_by_ip("198.18.0.5", at=T0 + 30).workload == "web"
+    clock.now = T0 + 100
+    cache.remove("pods", old)
+    assert cache.pod_by_ip("198.18.0.5", at=T0 + 150) is None  # nobody holds it now
+    new = decode_pod(pod("new", "ns", "198.18.0.5", uid="u-new", created=created(T0 + 100)))
+    cache.upsert("pods", new)
+    assert cache.pod_by_ip("198.18.0.5", at=T0 + 150).pod_name == "new"
+    assert cache.pod_by_ip("198.18.0.5", at=T0 + 30).pod_name == "old-5d8f9-a"
+
+
+def decode_owned(name: str, deployment: str):
+    from agent.k8s.records import decode_owned as decode
+    from tests.support.k8s_api_server import replica_set
+
+    return decode(replica_set(name, "ns", deployment))
