@@ -45,6 +45,7 @@ class NetnsResolver:
         host_netns: int | None = None,
     ) -> None:
         self.proc_root = Path(proc_root)
+        self._proc_text = str(self.proc_root)
         self._host_netns = host_netns
         self.cgroups = cgroups or CgroupResolver(proc_root)
         self.rescan_interval = rescan_interval
@@ -120,14 +121,17 @@ class NetnsResolver:
         The link reads ``net:[4026532281]``; fixture trees may hold a plain file with that
         text instead of the kernel's magic link.
         """
-        path = self.proc_root / str(pid) / "ns" / "net"
+        # a text path: building a Path costs twice the readlink, and every lookup of a
+        # pod's socket checks its witness process here
+        path = f"{self._proc_text}/{pid}/ns/net"
         try:
             target = os.readlink(path)
         except OSError:
-            if path.is_symlink():
+            if os.path.islink(path):
                 return None  # the kernel's link, not ours to read (gone, or not permitted)
             try:
-                target = path.read_text().strip()
+                with open(path, encoding="utf-8") as link_text:
+                    target = link_text.read().strip()
             except (OSError, UnicodeDecodeError):
                 return None
         if target.startswith("net:[") and target.endswith("]"):
