@@ -387,7 +387,9 @@ def test_nested_lifecycle_handlers_alone_count_exactly(backend):
         tracer.close()
 
 
-def test_bytes_after_a_read_in_the_round_that_marked_them_come_with_the_next_poll(harness):
+def test_bytes_after_a_read_in_the_round_that_marked_them_come_with_the_next_poll(
+    harness, monkeypatch
+):
     """A socket whose first change of a poll round lands between the round's start and the
     read of ``changed`` is read in that poll; a second change in the same round marks
     nothing (the entry already carries the round). The next poll must still read it, or
@@ -404,11 +406,9 @@ def test_bytes_after_a_read_in_the_round_that_marked_them_come_with_the_next_pol
                 next_round()
                 send_exact(client, 1)  # marked in the new round, before `changed` is read
 
-            tracer._next_round = round_then_one_byte
-            try:
+            with monkeypatch.context() as patch:
+                patch.setattr(tracer, "_next_round", round_then_one_byte)
                 first = tracer.poll()
-            finally:
-                tracer._next_round = next_round
             port = client.getsockname()[1]
             (read,) = [s for s in first.changed if s.local.port == port]
             assert read.sent_bytes == 11

@@ -147,7 +147,7 @@ def test_a_sockets_process_learned_on_the_slot_path_comes_with_the_next_poll(har
 
 
 def test_a_socket_read_from_its_entry_and_its_slot_in_one_poll_is_reported_once(
-    harness,
+    harness, monkeypatch
 ) -> None:
     """A new socket's entry is read (it was marked), then it moves bytes in its slot before
     the same poll scans the slots: the poll reports it once, with every byte."""
@@ -166,11 +166,9 @@ def test_a_socket_read_from_its_entry_and_its_slot_in_one_poll_is_reported_once(
                 recv_exact(server, 5)
                 return read
 
-            tracer._read_changed = read_then_move
-            try:
+            with monkeypatch.context() as patch:
+                patch.setattr(tracer, "_read_changed", read_then_move)
                 poll = tracer.poll()
-            finally:
-                tracer._read_changed = read_entries
             port = lsock.getsockname()[1]
             mine = [s for s in poll.changed if port in (s.local.port, s.remote.port)]
             assert len(mine) == len({s.socket_id for s in mine}) == 2

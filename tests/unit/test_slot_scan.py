@@ -28,14 +28,19 @@ def _sample(socket_id: int, sent: int, received: int, slot: tuple[int, int]) -> 
     return sample
 
 
+def _empty_table() -> tuple[bytearray, _SlotTable]:
+    """A scan over a buffer of SLOTS free slots (the buffer stands in for the mapping)."""
+    buffer = bytearray(SLOTS * SLOT.size)
+    return buffer, _SlotTable(buffer, SLOTS)
+
+
 def _put(buffer: bytearray, index: int, socket_id: int, sent: int, received: int) -> None:
     SLOT.pack_into(buffer, index * SLOT.size, SK + 64 * index if socket_id else 0, socket_id,
                    sent, received, 0, 0)  # fmt: skip
 
 
 def test_a_slot_adds_what_it_counted_since_the_samples_last_read() -> None:
-    buffer = bytearray(SLOTS * SLOT.size)
-    table = _SlotTable(buffer, SLOTS)
+    buffer, table = _empty_table()
     # 5 sent before the socket had slot 3, 100 in the slot when its entry was read
     sample = _sample(7, 105, 42, (100, 40))
     _put(buffer, 3, 7, 100, 40)
@@ -49,8 +54,7 @@ def test_a_slot_adds_what_it_counted_since_the_samples_last_read() -> None:
 
 
 def test_a_sample_read_before_its_socket_had_a_slot_gets_all_the_slot_counted() -> None:
-    buffer = bytearray(SLOTS * SLOT.size)
-    table = _SlotTable(buffer, SLOTS)
+    buffer, table = _empty_table()
     sample = _sample(9, 3, 0, (0, 0))  # its entry was read with no slot yet
     _put(buffer, 200, 9, 30, 12)
     assert table.scan({9: sample}) == [sample]
@@ -58,8 +62,7 @@ def test_a_sample_read_before_its_socket_had_a_slot_gets_all_the_slot_counted() 
 
 
 def test_only_chunks_that_changed_are_read() -> None:
-    buffer = bytearray(SLOTS * SLOT.size)
-    table = _SlotTable(buffer, SLOTS)
+    buffer, table = _empty_table()
     _put(buffer, 0, 1, 10, 0)  # chunk 0
     _put(buffer, 300, 2, 20, 0)  # chunk 2
     assert table._moved_chunks() == [0, 1, 2, 3]  # the first scan reads everything
@@ -75,8 +78,7 @@ def test_an_owner_without_a_sample_is_left_to_its_entrys_read() -> None:
     later with the slot folded in): the scan passes it by, and once the sample exists only
     what the slot counts after that read is added. A free slot (id 0) next to it, whose
     counters were not zeroed yet, is never anyone's."""
-    buffer = bytearray(SLOTS * SLOT.size)
-    table = _SlotTable(buffer, SLOTS)
+    buffer, table = _empty_table()
     _put(buffer, 4, 0, 500, 500)
     _put(buffer, 5, 11, 70, 0)
     assert table.scan({}) == []
@@ -89,8 +91,7 @@ def test_an_owner_without_a_sample_is_left_to_its_entrys_read() -> None:
 
 
 def test_a_count_never_goes_down() -> None:
-    buffer = bytearray(SLOTS * SLOT.size)
-    table = _SlotTable(buffer, SLOTS)
+    buffer, table = _empty_table()
     sample = _sample(7, 100, 100, (100, 100))
     _put(buffer, 3, 7, 90, 120)  # a read that tore low in one counter
     assert table.scan({7: sample}) == []
@@ -123,8 +124,7 @@ def test_a_slot_whose_owner_changed_while_it_was_read_is_skipped() -> None:
     """Slot 3 read as socket 7's, its counters read, then found socket 8's (7 was retired
     and the slot handed on between the reads): the counters may be 8's, so 7 gets nothing
     from them (7's final record carries its last counts)."""
-    buffer = bytearray(SLOTS * SLOT.size)
-    table = _SlotTable(buffer, SLOTS)
+    buffer, table = _empty_table()
     sample = _sample(7, 10, 10, (10, 10))
     _put(buffer, 3, 7, 999, 999)
     table._words = _OwnerChangesAfterTheCounters(table._words, 3, 8)  # type: ignore[assignment]
