@@ -360,12 +360,13 @@ class Accountant:
         self, finished: Iterable[SocketSample], peers: _Peers
     ) -> list[SocketSample]:
         """Count the finished sockets this accountant never saw live - opened and closed
-        between two polls, as every connection of a churn - whose naming key an earlier
-        socket already named, and return the rest for :meth:`_advance`. What
-        ``_advance(final=True)`` does for them, without the record it would make and drop:
-        all their bytes, their open (when OPENED) and their close (when CLOSED after an
-        open or PREEXISTING) go to their key's series. A churn of 10k connections/s runs
-        this loop 20k times a second."""
+        between two polls, as every connection of a churn - that have a naming key, and
+        return the rest for :meth:`_advance`. What ``_advance(final=True)`` does for them,
+        without the record it would make and drop: all their bytes, their open (when
+        OPENED) and their close (when CLOSED after an open or PREEXISTING) go to their
+        key's series, named here by the first socket that has the key (the first poll of
+        a new server's churn holds thousands with one key). A churn of 10k connections/s
+        runs this loop 20k times a second."""
         if self._naming_key is None:
             return list(finished)
         rest = []
@@ -377,10 +378,12 @@ class Accountant:
                 rest.append(sample)
                 continue
             key = naming_key(sample, peers)
-            series = named.get(key) if key is not None else None
-            if series is None:  # not named yet: _advance names it (and keeps its key)
+            if key is None:  # named the usual way, by its attributes
                 rest.append(sample)
                 continue
+            series = named.get(key)
+            if series is None:
+                series = self._name_key(key, sample, peers)
             flags = int(sample.flags)
             opened = 1 if flags & _OPENED else 0
             closed = 1 if flags & _CLOSED and flags & _ESTABLISHED else 0
@@ -402,11 +405,18 @@ class Accountant:
             return None
         series = self._named.get(key)
         if series is None:
-            attributes = self._enricher.attributes(sample, peers, final=True)
-            if attributes is None:
-                raise RuntimeError("enricher returned None for a final sample")
-            series = self._named.keep(key, self._admit(self._series_for(attributes)))
+            series = self._name_key(key, sample, peers)
         return series
+
+    def _name_key(
+        self, key: Hashable, sample: SocketSample, peers: _Peers
+    ) -> tuple[tuple[SeriesKey, int], ...]:
+        """The series of a finished socket whose naming key has none yet, from its
+        attributes; kept for the key's later sockets."""
+        attributes = self._enricher.attributes(sample, peers, final=True)
+        if attributes is None:
+            raise RuntimeError("enricher returned None for a final sample")
+        return self._named.keep(key, self._admit(self._series_for(attributes)))
 
     def _count(self, tracked: _Tracked, sample: SocketSample) -> None:
         sent = sample.sent_bytes - tracked.sent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import pytest
@@ -927,8 +928,13 @@ class CountingEnricher:
 
         self.inner = LocalEnricher({42: "curl", 43: "nginx"}.get)
         self.calls = 0
+        self.keyed = 0  # naming_key calls
         if keys:
-            self.naming_key = self.inner.naming_key
+            self.naming_key = self._naming_key
+
+    def _naming_key(self, sample: SocketSample, peers: PeerIndex) -> Hashable | None:
+        self.keyed += 1
+        return self.inner.naming_key(sample, peers)
 
     def attributes(
         self, sample: SocketSample, peers: PeerIndex, *, final: bool
@@ -967,6 +973,19 @@ def test_finished_sockets_of_one_shape_are_named_once_and_count_exactly() -> Non
         assert sorted(value for _, value in labelled(accountant, metric)) == [20, 20]
     workloads = {(ls["source_workload"], ls["destination_workload"]) for ls, _ in received}
     assert workloads == {("curl", "nginx")}
+
+
+def test_a_new_keys_finished_sockets_are_keyed_once_each_in_their_first_poll() -> None:
+    """The first poll of a new server's churn: the first socket of each key names it, the
+    rest of the poll count under it; no socket's key is worked out twice."""
+    enricher = CountingEnricher()
+    accountant = Accountant(load_catalogue([]), enricher)
+    pairs = [loopback_pair(n, sent=1, received=2) for n in range(10)]
+    accountant.apply(poll(finished=[s for pair in pairs for s in pair]))
+    assert (enricher.keyed, enricher.calls) == (20, 2)
+    assert sorted(v for _, v in labelled(accountant, "istio_tcp_received_bytes_total")) == [
+        10, 10,
+    ]  # fmt: skip
 
 
 def test_a_catalogue_that_reads_ports_names_every_finished_socket(tmp_path) -> None:
