@@ -250,6 +250,15 @@ static __always_inline void give_slot(u64 key, struct sock_info *entry) {}
 static __always_inline void free_slot(struct slot *slot) {}
 #endif
 
+// The entry's process is recorded (and marked for user space): its sends and receives take
+// the hot path from the first one on (count_bytes' slow path would only clear the flag).
+static __always_inline void process_known(u64 key, struct sock_info *entry)
+{
+    struct slot *slot = slot_of(key, entry);
+    if (slot)
+        slot->needs_process = 0;
+}
+
 // Every change of an entry's identity, role, flags or process ends here: while the version
 // stays, user space updates only the counters of a sample it has already compared whole
 // (agent/ebpf/decoding.py SampleDecoder.refresh).
@@ -436,6 +445,11 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
     void *sk = (void *)ctx->args[0];
     int oldstate = (int)ctx->args[1];
     int newstate = (int)ctx->args[2];
+    // FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, SYN_RECV change nothing here:
+    // nothing is read for the six or so of them every connection goes through.
+    if (newstate != TCP_SYN_SENT_ && newstate != TCP_ESTABLISHED_ && newstate != TCP_CLOSE_ &&
+        newstate != TCP_LISTEN_ && oldstate != TCP_LISTEN_)
+        return 0;
     if (sock_protocol(sk) != TCPACCT_IPPROTO_TCP)
         return 0;
     u64 key = (u64)sk;
@@ -460,10 +474,6 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
         }
         return 0;
     }
-    // FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, SYN_RECV change nothing here:
-    // no map lookup for the three or four of them every connection goes through.
-    if (newstate != TCP_SYN_SENT_ && newstate != TCP_ESTABLISHED_ && newstate != TCP_CLOSE_)
-        return 0;
 
     struct sock_info *entry = socks.lookup(&key);
     if (newstate == TCP_SYN_SENT_) { // connect(): process context
@@ -479,6 +489,7 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
                 set_current_process(entry);
             bump_version(entry);
             mark_changed(key, entry);
+            process_known(key, entry);
         }
         return 0;
     }
@@ -502,6 +513,8 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
         if (entry) {
             bump_version(entry);
             mark_changed(key, entry);
+            if (entry->tgid)
+                process_known(key, entry);
         }
         return 0;
     }
@@ -533,13 +546,6 @@ static __always_inline int handle_destroy(struct bpf_raw_tracepoint_args *ctx)
 #define BUSY_DESTROY 1
 BPF_PERCPU_ARRAY(lifecycle_busy, u32, 2);
 
-static __always_inline void set_busy(u32 which, u32 busy)
-{
-    u32 *flag = lifecycle_busy.lookup(&which);
-    if (flag)
-        *flag = busy;
-}
-
 static __always_inline int is_busy(u32 which)
 {
     u32 *flag = lifecycle_busy.lookup(&which);
@@ -548,9 +554,13 @@ static __always_inline int is_busy(u32 which)
 
 int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
-    set_busy(BUSY_SET_STATE, 1);
+    u32 which = BUSY_SET_STATE;
+    u32 *busy = lifecycle_busy.lookup(&which);
+    if (busy)
+        *busy = 1;
     handle_set_state(ctx);
-    set_busy(BUSY_SET_STATE, 0);
+    if (busy)
+        *busy = 0;
     return 0;
 }
 
@@ -563,9 +573,13 @@ int on_set_state_nested(struct bpf_raw_tracepoint_args *ctx)
 
 int on_destroy(struct bpf_raw_tracepoint_args *ctx)
 {
-    set_busy(BUSY_DESTROY, 1);
+    u32 which = BUSY_DESTROY;
+    u32 *busy = lifecycle_busy.lookup(&which);
+    if (busy)
+        *busy = 1;
     handle_destroy(ctx);
-    set_busy(BUSY_DESTROY, 0);
+    if (busy)
+        *busy = 0;
     return 0;
 }
 
