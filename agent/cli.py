@@ -176,6 +176,14 @@ def main() -> None:
     callback=_parsed(parse_ttl),
     help="Expire series idle this long with no live connection (0: never).",
 )
+@click.option(
+    "--nice",
+    default=10,
+    show_default=True,
+    type=int,
+    envvar=_env("NICE"),
+    help="Niceness of the agent's threads (0-19): its polls yield the CPU to workloads.",
+)
 @KUBERNETES_OPTION
 @KUBECONFIG_OPTION
 @click.option(

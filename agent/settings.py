@@ -16,6 +16,7 @@ MIN_INTERVAL_SECONDS = 1.0
 MAX_INTERVAL_SECONDS = 3600.0
 MIN_MAP_CAPACITY = 1024
 MAX_MAP_CAPACITY = 4_194_304
+MAX_NICE = 19  # agent.priority
 
 
 class SettingsError(ValueError):
@@ -138,11 +139,17 @@ class Settings:
     bearer_token: str | None = field(default=None, repr=False)
     max_series: int = 10000
     series_ttl: float = 600.0
+    nice: int = 10  # the agent's threads' niceness (agent.priority)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:
             raise SettingsError(
                 f"--backend {self.backend!r}: choose one of {', '.join(BACKEND_CHOICES)}"
+            )
+        if not 0 <= self.nice <= MAX_NICE:
+            raise SettingsError(
+                f"--nice {self.nice}: must be 0-{MAX_NICE} (the agent only ever lowers its "
+                "own priority)"
             )
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(f"--log-level {self.log_level!r}: one of {', '.join(LOG_LEVELS)}")

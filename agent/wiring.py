@@ -24,6 +24,7 @@ from agent.metrics.catalogue import load_catalogue
 from agent.metrics.reloading import ConfigWatcher
 from agent.model import Enricher
 from agent.pipeline import Agent
+from agent.priority import yield_cpu
 from agent.resolve.listening import listening_sockets
 from agent.resolve.processes import ProcessNames
 from agent.serving import EndpointSecurity, Health, MetricsServer
@@ -221,4 +222,5 @@ def _build(settings: Settings, closers: list[Callable[[], None]]) -> RunningAgen
         watcher.start()
         closers.append(watcher.stop)
     tune_for_polling()  # what exists now lives as long as the agent
+    yield_cpu(settings.nice)  # every thread is started by now; later ones inherit it
     return RunningAgent(agent, server, tracer, server.port, closers)

@@ -8,6 +8,8 @@ never for the workload's interpreter lock.
 
 It speaks JSON lines: one command per line on stdin, one answer per line on stdout. After
 attaching it prints ``{"ready": true, "backend": "tracepoint", "attach_s": 0.98, ...}``.
+Its threads run at the agent's niceness (``--nice``, default ``tcpacct run``'s: 10), so
+that its polls compete with a workload as the agent's would.
 
 =================================== ===========================================================
 command                             answer
@@ -60,8 +62,10 @@ from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
 from agent.enrich.local import LocalEnricher
 from agent.metrics.catalogue import load_catalogue
 from agent.model import KernelPoll, SocketFlag, SocketSample
+from agent.priority import yield_cpu
 from agent.resolve.listening import listening_sockets
 from agent.resolve.processes import ProcessNames
+from agent.settings import Settings
 
 SERVICE_LABEL = "destination_service"
 
@@ -348,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sockets", type=int, default=65536)
     parser.add_argument("--closed", type=int, default=65536)
     parser.add_argument("--interval", type=float, default=1.0, help="0: no poller thread")
+    parser.add_argument(
+        "--nice", type=int, default=Settings().nice, help="as tcpacct run's (agent.priority)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     start = time.perf_counter()
@@ -362,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     tune_for_polling()  # as the agent does once it is assembled
     agent = ProbedAgent(tracer, accountant, args.interval)
     agent.start_poller()
-    _answer({"ready": True, "backend": tracer.backend, "attach_s": attach_s, **memory_kib()})
+    yield_cpu(args.nice)  # as the agent does once its threads are started
+    _answer({
+        "ready": True, "backend": tracer.backend, "attach_s": attach_s, "nice": args.nice,
+        **memory_kib(),
+    })  # fmt: skip
     serve(agent)
     return 0
 

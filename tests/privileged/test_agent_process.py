@@ -28,6 +28,7 @@ from tests.support.harness import (
     listener,
     service_of,
 )
+from tests.support.niceness import thread_niceness
 
 TCPACCT = Path(sys.executable).with_name("tcpacct")
 
@@ -215,6 +216,15 @@ def test_the_agent_keeps_no_compiler_in_its_memory(agent_process):
         assert compilers == []
     else:
         assert any("libbcc" in p for p in compilers), compilers
+
+
+def test_every_thread_of_the_agent_yields_the_cpu(agent_process):
+    """``tcpacct run`` without --nice: the poller, the HTTP server, the closed-map drainer
+    and every other thread run at niceness 10 (agent.priority)."""
+    _, process, _ = agent_process
+    threads = thread_niceness(process.pid)
+    assert len(threads) >= 3, threads  # main (polls), HTTP server, drainer at least
+    assert set(threads.values()) == {10}, threads
 
 
 def scrape_backend(port: int) -> str:

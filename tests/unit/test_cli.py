@@ -137,6 +137,20 @@ def test_bad_series_budget_and_ttl(started) -> None:
     )
 
 
+def test_bad_niceness(started) -> None:
+    assert refused(invoke(["run", "--nice", "-1"]), started) == (
+        "--nice -1: must be 0-19 (the agent only ever lowers its own priority)"
+    )
+    error = refused(invoke(["run"], env={"TCPACCT_NICE": "low"}), started)
+    assert error == "Invalid value for '--nice': 'low' is not a valid integer."
+
+
+def test_niceness_becomes_a_setting(started) -> None:
+    assert invoke(["run"], env={"TCPACCT_NICE": "0"}).exit_code == 0
+    assert invoke(["run", "--nice", "19"]).exit_code == 0
+    assert [settings.nice for settings in started] == [0, 19]
+
+
 def test_series_budget_and_ttl_become_settings(started) -> None:
     result = invoke(["run", "--max-series", "500"], env={"TCPACCT_SERIES_TTL": "0"})
     assert result.exit_code == 0, result.output

@@ -142,6 +142,7 @@ def test_settings_defaults() -> None:
     assert settings.btf_path == Path("/sys/kernel/btf/vmlinux")
     assert (settings.tls_cert, settings.tls_key) == (None, None)
     assert (settings.basic_auth, settings.bearer_token) == (None, None)
+    assert settings.nice == 10
 
 
 def test_settings_are_frozen() -> None:
@@ -169,6 +170,8 @@ def test_settings_repr_hides_secrets() -> None:
                                      "neither"),
         ({"basic_auth": ("u", "p"), "bearer_token": "t"},
          "choose one of --basic-auth and --bearer-token, not both"),
+        ({"nice": 20}, "--nice 20: must be 0-19 (the agent only ever lowers its own priority)"),
+        ({"nice": -5}, "--nice -5: must be 0-19 (the agent only ever lowers its own priority)"),
     ],
 )
 def test_settings_refuse_inconsistent_values(kwargs: dict, message: str) -> None:
