@@ -94,6 +94,7 @@ class AccountingStats:
     series: int
     overflowed_connections: int = 0
     expired_series: int = 0
+    lifecycle_events_missed: int = 0
 
 
 class _Peers:
@@ -226,6 +227,7 @@ class Accountant:
         self._unattributed = _Unattributed()
         self._kernel_untracked = (0, 0, 0)  # sent, received, sockets
         self._kernel_spilled_sockets = 0
+        self._lifecycle_missed = 0  # KernelCounters.lifecycle_events_missed, highest seen
         self._polls = 0
         self._last_sequence = -1  # KernelPoll.sequence of the last poll applied
 
@@ -630,6 +632,8 @@ class Accountant:
             c.untracked_received_bytes,
             c.untracked_sockets,
         )
+        # a counter: a twin's catch-up read between the two kernel reads may lower one poll's
+        self._lifecycle_missed = max(self._lifecycle_missed, c.lifecycle_events_missed)
         self._kernel_spilled_sockets = c.spilled_sockets
 
     # -- reloading -------------------------------------------------------------------------
@@ -679,6 +683,7 @@ class Accountant:
             series=len(self._totals),
             overflowed_connections=self._overflowed,
             expired_series=self._expired,
+            lifecycle_events_missed=self._lifecycle_missed,
         )
 
     def definitions(self) -> list[MetricDefinition]:

@@ -156,6 +156,9 @@ class KernelCounters:
     ``untracked_*``: bytes on sockets that found the socket map full.
     ``spilled_*``: final cumulative counts of sockets whose close record found the closed
     map full (user space subtracts what it had already counted for them).
+    ``lifecycle_events_missed``: socket state changes and destroys no program handled (one
+    that landed in the kernel's few instructions around a lifecycle program already running
+    on that CPU): a connection's open or close may be missing from the totals.
     """
 
     untracked_sent_bytes: int = 0
@@ -164,6 +167,7 @@ class KernelCounters:
     spilled_sent_bytes: int = 0
     spilled_received_bytes: int = 0
     spilled_sockets: int = 0
+    lifecycle_events_missed: int = 0
 
 
 @dataclass(frozen=True, slots=True)

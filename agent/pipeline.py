@@ -180,6 +180,14 @@ class Agent:
                 [({}, acc.spilled_sockets)],
             ),
             SelfMetric(
+                "tcpacct_lifecycle_events_missed_total",
+                "Socket state changes and destroys the kernel ran no tcpacct program for (one "
+                "landing at the edge of a lifecycle program already running on its CPU); a "
+                "connection's open or close may be missing from the totals",
+                "counter",
+                [({}, acc.lifecycle_events_missed)],
+            ),
+            SelfMetric(
                 "tcpacct_tracked_sockets",
                 "Sockets being accounted",
                 "gauge",

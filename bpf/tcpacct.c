@@ -65,7 +65,8 @@
 #define C_SPILLED_RECEIVED 4
 #define C_SPILLED_SOCKETS 5
 #define C_CHANGES_LOST 6   // `changed` was full: user space reads the whole socket map
-#define C_COUNT 7
+#define C_LIFECYCLE_NESTED 7 // lifecycle events a nested twin handled (on_set_state_nested)
+#define C_COUNT 8
 
 #define DIR_SENT 0
 #define DIR_RECEIVED 1
@@ -495,6 +496,13 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
     }
     if (newstate == TCP_ESTABLISHED_) {
         u8 role = oldstate == TCP_SYN_SENT_ ? ROLE_CLIENT : ROLE_SERVER;
+        if (entry && (entry->flags & F_OPENED)) {
+            // A socket opens once: this entry is an earlier socket's at the same address
+            // whose destroy no program saw (see on_set_state_nested). It ends now, with
+            // its counts, rather than lend its id to the new connection.
+            retire(key, entry);
+            entry = NULL;
+        }
         if (!entry) {
             entry = track(sk, role, F_OPENED);
         } else {
@@ -540,8 +548,14 @@ static __always_inline int handle_destroy(struct bpf_raw_tracepoint_args *ctx)
 // program is already running there (a softirq's state change or destroy interrupting one in
 // process context, e.g. close() or connect()), the kernel skips it and counts a recursion
 // miss. So each lifecycle handler is attached twice: the primary program marks itself busy
-// on this CPU while it runs; the second one acts only then, i.e. exactly for the events the
-// primary was skipped for. Softirqs do not nest, so two levels are all there can be.
+// on this CPU while it runs; the second one acts only then, i.e. for the events the primary
+// was skipped for. Softirqs do not nest, so two levels are all there can be. The mark
+// cannot cover the few instructions the kernel runs around the primary (its recursion
+// count is raised before the program's first instruction and lowered after its last): an
+// event that lands there is skipped by both. The twins count what they handle
+// (C_LIFECYCLE_NESTED); user space reports the primaries' recursion misses beyond that
+// count as missed events (tcpacct_lifecycle_events_missed_total), and a missed destroy
+// heals when the address opens again (SYN_SENT and ESTABLISHED retire an opened entry).
 #define BUSY_SET_STATE 0
 #define BUSY_DESTROY 1
 BPF_PERCPU_ARRAY(lifecycle_busy, u32, 2);
@@ -568,6 +582,7 @@ int on_set_state_nested(struct bpf_raw_tracepoint_args *ctx)
 {
     if (!is_busy(BUSY_SET_STATE))
         return 0; // on_set_state ran (or runs) for this event
+    count(C_LIFECYCLE_NESTED, 1);
     return handle_set_state(ctx);
 }
 
@@ -587,6 +602,7 @@ int on_destroy_nested(struct bpf_raw_tracepoint_args *ctx)
 {
     if (!is_busy(BUSY_DESTROY))
         return 0;
+    count(C_LIFECYCLE_NESTED, 1);
     return handle_destroy(ctx);
 }
 

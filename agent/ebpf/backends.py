@@ -29,6 +29,8 @@ LIFECYCLE_TRACEPOINTS = (
     ("tcp_destroy_sock", "on_destroy"),
     ("tcp_destroy_sock", "on_destroy_nested"),
 )
+# The first of each pair: its recursion misses are the events its twin had to handle.
+LIFECYCLE_PRIMARIES = ("on_set_state", "on_destroy")
 
 
 class BackendUnavailable(Exception):

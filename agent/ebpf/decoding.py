@@ -22,7 +22,8 @@ AF_INET6 = socket.AF_INET6  # 10
 C_UNTRACKED_SENT, C_UNTRACKED_RECEIVED, C_UNTRACKED_SOCKETS = 0, 1, 2
 C_SPILLED_SENT, C_SPILLED_RECEIVED, C_SPILLED_SOCKETS = 3, 4, 5
 C_CHANGES_LOST = 6  # the `changed` map was full: the reader must read the whole socket map
-C_COUNT = 7
+C_LIFECYCLE_NESTED = 7  # lifecycle events a nested twin handled (bpf/tcpacct.c)
+C_COUNT = 8
 
 
 class SockInfo(ctypes.Structure):
@@ -324,10 +325,13 @@ _DECODER = SampleDecoder()  # shared: its caches only save work (dict operations
 _NOTHING_BEFORE: Mapping[int, SocketSample] = {}
 
 
-def decode_counters(per_index_sums: Sequence[int]) -> KernelCounters:
-    """Sums over CPUs of the ``counters`` array, in C_* order -> KernelCounters."""
+def decode_counters(per_index_sums: Sequence[int], primary_misses: int = 0) -> KernelCounters:
+    """Sums over CPUs of the ``counters`` array, in C_* order, and the lifecycle primaries'
+    recursion misses -> KernelCounters. Misses the twins did not make up for are missed
+    events: 5 misses, 3 handled by twins -> ``lifecycle_events_missed=2``."""
     sums = list(per_index_sums) + [0] * (C_COUNT - len(per_index_sums))
     return KernelCounters(
+        lifecycle_events_missed=max(0, primary_misses - sums[C_LIFECYCLE_NESTED]),
         untracked_sent_bytes=sums[C_UNTRACKED_SENT],
         untracked_received_bytes=sums[C_UNTRACKED_RECEIVED],
         untracked_sockets=sums[C_UNTRACKED_SOCKETS],

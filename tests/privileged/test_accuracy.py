@@ -454,3 +454,51 @@ def test_a_settled_live_socket_shows_its_close_at_the_next_poll(harness):
         assert closed.received_bytes == 3000
         client.close()
     harness.settle()
+
+
+def _socket_map_key(tracer, socket_id: int) -> int:
+    """The socket map key (its struct sock address) of the live entry with ``socket_id``."""
+    raw_keys, raw = tracer._socks.read(delete=False)
+    try:
+        keys = raw_keys.cast("B").cast("Q")
+        ids = [int.from_bytes(raw[o : o + 8], "little") for o in range(0, len(raw), 104)]
+        return keys[ids.index(socket_id)]
+    finally:
+        tracer._socks.release()
+
+
+def test_an_opened_entry_at_an_address_that_opens_again_ends_before_the_new_one(harness):
+    """When an opened socket's destroy is never seen (tcpacct_lifecycle_events_missed_total)
+    its entry stays; a new connection's server end at the same address must not take over
+    its id. Simulated by running on_set_state (SYN_RECV -> ESTABLISHED) once more with
+    BPF_PROG_TEST_RUN on a live server socket: the old entry ends with its counts, and what
+    moves afterwards is the new entry's."""
+    from agent.model import Role, SocketFlag
+    from tests.support.prog_test_run import run_raw_tracepoint
+
+    tracer = harness.tracer
+    with listener() as lsock:
+        client, server = connect_pair(lsock)
+        try:
+            exchange(client, server, 1000, 2000)
+            port, peer_port = lsock.getsockname()[1], client.getsockname()[1]
+
+            def server_end(samples):
+                return [s for s in samples if (s.local.port, s.remote.port) == (port, peer_port)]
+
+            (old,) = server_end(tracer.poll().live)
+            key = _socket_map_key(tracer, old.socket_id)
+            run_raw_tracepoint(tracer._program.program_fds["on_set_state"], [key, 3, 1])
+            exchange(client, server, 10, 20)
+            result = tracer.poll()
+            (ended,) = server_end(result.finished)
+            assert ended.socket_id == old.socket_id
+            assert (ended.received_bytes, ended.sent_bytes) == (1000, 2000)
+            assert SocketFlag.OPENED in ended.flags and SocketFlag.DESTROYED in ended.flags
+            (new,) = server_end(result.live)
+            assert new.socket_id > old.socket_id
+            assert (new.received_bytes, new.sent_bytes, new.role) == (10, 20, Role.SERVER)
+            assert SocketFlag.OPENED in new.flags and new.pid == os.getpid()
+        finally:
+            client.close()
+            server.close()

@@ -156,6 +156,7 @@ def test_run_serves_exact_counts_and_sigterm_detaches_everything(agent_process):
         assert metric_sum(text, OPENED, **labels) == 1
         assert metric_sum(text, CLOSED, **labels) == 1
     assert 'tcpacct_backend_info{backend="' in text
+    assert "\ntcpacct_lifecycle_events_missed_total 0\n" in text  # every event handled
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=20) == 0
     assert not (mine & bpf_program_ids()), "programs left attached after SIGTERM"

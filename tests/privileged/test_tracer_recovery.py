@@ -26,10 +26,12 @@ FINAL = int(SocketFlag.OPENED | SocketFlag.CLOSED | SocketFlag.DESTROYED)
 
 
 class _Program:
-    """What KernelTracer needs of a loaded program: its maps; nothing to attach."""
+    """What KernelTracer needs of a loaded program: its maps; nothing to attach, no
+    programs (whose recursion misses a poll reads)."""
 
     def __init__(self, map_fds: dict[str, int]) -> None:
         self.map_fds = map_fds
+        self.program_fds: dict[str, int] = {}
 
     def attach(self, hooks: object) -> None: ...
 

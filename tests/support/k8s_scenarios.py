@@ -516,6 +516,7 @@ HEALTH_PREFIXES = (
     "tcpacct_unattributed_bytes_total",
     "tcpacct_untracked_sockets_total",
     "tcpacct_spilled_sockets_total",
+    "tcpacct_lifecycle_events_missed_total",
     "tcpacct_k8s_",
 )
 

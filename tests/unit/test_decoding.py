@@ -194,6 +194,14 @@ def test_decode_counters_in_c_order() -> None:
     )
 
 
+def test_missed_lifecycle_events_are_the_primaries_misses_no_twin_handled() -> None:
+    handled_by_twins = [0] * 7 + [3]  # C_LIFECYCLE_NESTED
+    assert decode_counters(handled_by_twins, primary_misses=5).lifecycle_events_missed == 2
+    assert decode_counters(handled_by_twins, primary_misses=3).lifecycle_events_missed == 0
+    # twins forced to act with the primaries detached (a test does): never below zero
+    assert decode_counters(handled_by_twins, primary_misses=0).lifecycle_events_missed == 0
+
+
 def test_decode_counters_pads_a_short_read_with_zeros() -> None:
     assert decode_counters([7, 8]) == KernelCounters(
         untracked_sent_bytes=7, untracked_received_bytes=8

@@ -48,6 +48,20 @@ def make_agent(kernel: FlakyKernel, loader=None) -> Agent:
     return Agent(kernel, accountant, interval=1.0, catalogue_loader=loader)
 
 
+def test_missed_lifecycle_events_are_exported_and_never_go_down() -> None:
+    def missed(n: int) -> KernelPoll:
+        return KernelPoll(KernelCounters(lifecycle_events_missed=n), (), ())
+
+    agent = make_agent(FlakyKernel([missed(0), missed(2), missed(1), missed(3)]))
+    seen = []
+    for _ in range(4):
+        assert agent.poll_once()
+        metric = {m.name: m for m in agent.self_metrics()}["tcpacct_lifecycle_events_missed_total"]
+        assert metric.kind == "counter"
+        seen.append(list(metric.samples))
+    assert seen == [[({}, 0)], [({}, 2)], [({}, 2)], [({}, 3)]]
+
+
 def test_a_failing_poll_is_counted_logged_and_the_next_poll_counts_everything(caplog) -> None:
     kernel = FlakyKernel(
         [
