@@ -22,6 +22,14 @@ class Target:
     op: str  # ">=" or "<="
     bound: float
     text: str = ""
+    every_round: bool = False  # judged on the worst round, not the median ("in every run")
+
+    def point(self, spread: Spread) -> float:
+        """The number of ``spread`` the bound is held to: its median, or with
+        ``every_round`` its worst round (rounds 1, 1, 0, 1 against ``>= 1`` -> 0)."""
+        if not self.every_round:
+            return spread.median
+        return spread.min if self.op == ">=" else spread.max
 
     def verdict(self, median: float) -> tuple[bool, float]:
         """(met, by how much it is missed; 0 when met).
@@ -70,7 +78,7 @@ class Figure:
         judged = self.judged()
         if self.target is None or judged is None:
             return None
-        return self.target.verdict(judged.median)
+        return self.target.verdict(self.target.point(judged))
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"title": self.title, "unit": self.unit}
@@ -85,6 +93,7 @@ class Figure:
                 "op": self.target.op,
                 "bound": self.target.bound,
                 "text": self.target.text,
+                "every_round": self.target.every_round,
                 "met": None if verdict is None else verdict[0],
                 "missed_by": None if verdict is None else verdict[1],
             }
@@ -119,7 +128,13 @@ def figure_from_dict(key: str, data: dict[str, Any]) -> Figure:
         ratio=spread("ratio"),
         added=spread("added"),
         value=spread("value"),
-        target=Target(target["of"], target["op"], target["bound"], target["text"])
+        target=Target(
+            target["of"],
+            target["op"],
+            target["bound"],
+            target["text"],
+            target.get("every_round", False),
+        )
         if target
         else None,
         details=data.get("details", {}),

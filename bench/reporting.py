@@ -80,7 +80,7 @@ def _status(figure: Figure) -> str:
     unit = "" if figure.target.of == "ratio" else f" {figure.unit}"
     relative = ""
     if figure.target.bound and figure.target.op == "<=":
-        relative = f", {judged.median / figure.target.bound:.2f}x the bound"
+        relative = f", {figure.target.point(judged) / figure.target.bound:.2f}x the bound"
     return f"**missed by {number(by)}{unit}**{relative}{noisy}"
 
 
@@ -106,6 +106,12 @@ def why(figure: Figure) -> str:
     the three functions with the most own time in the profiled poll; noisy ratios -> so.
     """
     d = figure.details
+    if d.get("mismatches"):
+        shown = "; ".join(
+            f"round {m['round']}: {m['check']} expected {m['expected']}, got {m['got']}"
+            for m in d["mismatches"][:3]
+        )
+        return f"{len(d['mismatches'])} check(s) not exact: {shown}"
     if "empty_program_added_ns" in d and "own_work_ns" in d:
         counted = (
             f"; by the kernel's own count (BPF_ENABLE_STATS, less its clock reads) the "
@@ -279,7 +285,7 @@ def results_markdown(
         for f in targeted:
             judged = f.judged()
             assert f.target is not None
-            where = number(judged.median) if judged else "n/a"
+            where = number(f.target.point(judged)) if judged else "n/a"
             verdict = f.verdict()
             reason = why(f) if verdict is not None and not verdict[0] else ""
             out.append(
