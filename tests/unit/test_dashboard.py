@@ -25,6 +25,7 @@ ISTIO_METRICS = {
 # tcpacct's self-metrics (agent/pipeline.py) that the dashboard may chart.
 SELF_METRICS = {
     "tcpacct_unattributed_bytes_total",
+    "tcpacct_lifecycle_events_missed_total",
     "tcpacct_poll_duration_seconds",
     "tcpacct_poll_seconds_total",
     "tcpacct_polls_total",
