@@ -361,6 +361,7 @@ def test_nested_lifecycle_handlers_alone_count_exactly(backend):
     twins' path: counts must be as exact as ever."""
     import struct
 
+    from agent.ebpf.decoding import C_LIFECYCLE_NESTED
     from agent.ebpf.syscalls import MapHandle, possible_cpus
     from agent.ebpf.tracing import Capacities
     from tests.support.harness import Harness, open_test_tracer
@@ -375,6 +376,7 @@ def test_nested_lifecycle_handlers_alone_count_exactly(backend):
         for which in (0, 1):  # BUSY_SET_STATE, BUSY_DESTROY
             busy.update(struct.pack("<I", which), struct.pack(f"<{cpus}Q", *[1] * cpus))
         harness = Harness(tracer)
+        nested_before = tracer._read_counters()[C_LIFECYCLE_NESTED]
         with listener() as lsock:
             client, server = connect_pair(lsock)
             exchange(client, server, 4321, 8765)
@@ -383,6 +385,10 @@ def test_nested_lifecycle_handlers_alone_count_exactly(backend):
             time.sleep(0.2)
             harness.settle()
             assert_connection(harness, service_of(lsock.getsockname()), 4321, 8765)
+        # the twins count what they handle: at least this connection's two destroys and the
+        # state changes both ends go through (connect, established twice, close twice, ...)
+        assert tracer._read_counters()[C_LIFECYCLE_NESTED] - nested_before >= 12
+        assert tracer.poll().counters.lifecycle_events_missed == 0  # no primary missed any
     finally:
         tracer.close()
 
