@@ -325,13 +325,34 @@ _DECODER = SampleDecoder()  # shared: its caches only save work (dict operations
 _NOTHING_BEFORE: Mapping[int, SocketSample] = {}
 
 
-def decode_counters(per_index_sums: Sequence[int], primary_misses: int = 0) -> KernelCounters:
-    """Sums over CPUs of the ``counters`` array, in C_* order, and the lifecycle primaries'
-    recursion misses -> KernelCounters. Misses the twins did not make up for are missed
-    events: 5 misses, 3 handled by twins -> ``lifecycle_events_missed=2``."""
+class LifecycleMisses:
+    """Lifecycle events no program handled, from two kernel counts read one after the
+    other: the primaries' recursion misses (bpf_prog_info, read first) less the events their
+    twins handled (C_LIFECYCLE_NESTED). A miss the kernel counted just before the first read
+    whose twin had not counted it yet by the second looks missed for one poll; a real miss
+    stays. So a difference counts once two polls in a row show it:
+    ``confirmed(5, 3)`` -> 0 (first sight), then ``confirmed(5, 3)`` -> 2, and after a
+    one-poll blip ``confirmed(6, 3)`` -> 2, ``confirmed(6, 4)`` -> 2.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0  # the difference at the previous poll
+
+    def confirmed(self, primary_misses: int, nested_handled: int) -> int:
+        now = max(0, primary_misses - nested_handled)
+        agreed = min(now, self._last)
+        self._last = now
+        return agreed
+
+
+def decode_counters(
+    per_index_sums: Sequence[int], lifecycle_events_missed: int = 0
+) -> KernelCounters:
+    """Sums over CPUs of the ``counters`` array, in C_* order (and the lifecycle events
+    :class:`LifecycleMisses` confirmed missed) -> KernelCounters."""
     sums = list(per_index_sums) + [0] * (C_COUNT - len(per_index_sums))
     return KernelCounters(
-        lifecycle_events_missed=max(0, primary_misses - sums[C_LIFECYCLE_NESTED]),
+        lifecycle_events_missed=lifecycle_events_missed,
         untracked_sent_bytes=sums[C_UNTRACKED_SENT],
         untracked_received_bytes=sums[C_UNTRACKED_RECEIVED],
         untracked_sockets=sums[C_UNTRACKED_SOCKETS],

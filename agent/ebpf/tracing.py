@@ -50,8 +50,10 @@ from agent.ebpf.compiling import compile_in_child
 from agent.ebpf.decoding import (
     C_CHANGES_LOST,
     C_COUNT,
+    C_LIFECYCLE_NESTED,
     SLOT,
     SLOT_WORDS,
+    LifecycleMisses,
     SampleDecoder,
     SockInfo,
     changed_in,
@@ -409,6 +411,8 @@ class KernelTracer:
         self._gone: set[int] = set()  # ids a whole-map read no longer found
         self._report_all = False  # after a failed poll: every live socket is "changed"
         self._decoder = SampleDecoder()
+        self._missed = LifecycleMisses()
+        self._misses_unreadable = False
         self._drained: list[SocketSample] = []
         self._max_drained = 4 * capacities.closed
         self._closed_peak = 0  # most closed entries found by one drain
@@ -433,16 +437,22 @@ class KernelTracer:
             sums.append(sum(self._per_cpu.unpack(raw)) if raw else 0)
         return sums
 
-    def _lifecycle_misses(self) -> int:
+    def _lifecycle_misses(self) -> int | None:
         """Events the kernel skipped the lifecycle primaries for (their twins handle those
-        they see: C_LIFECYCLE_NESTED). Read before the counters, so a miss the twin made up
-        for between the two reads is never reported as missed."""
+        they see: C_LIFECYCLE_NESTED), read before the counters (LifecycleMisses). None
+        when the kernel would not say: counting goes on, logged once."""
         fds = self._program.program_fds
-        return sum(
-            program_run_stats(fds[name]).recursion_misses
-            for name in LIFECYCLE_PRIMARIES
-            if name in fds
-        )
+        try:
+            return sum(
+                program_run_stats(fds[name]).recursion_misses
+                for name in LIFECYCLE_PRIMARIES
+                if name in fds
+            )
+        except OSError as error:
+            if not self._misses_unreadable:
+                log.warning("cannot read the lifecycle programs' recursion misses: %s", error)
+                self._misses_unreadable = True
+            return None
 
     def _read_entry(
         self,
@@ -535,7 +545,8 @@ class KernelTracer:
         """One poll, with self._lock held."""
         misses = self._lifecycle_misses()
         sums = self._read_counters()
-        counters = decode_counters(sums, misses)
+        missed = self._missed.confirmed(misses or 0, sums[C_LIFECYCLE_NESTED])
+        counters = decode_counters(sums, missed)
         lost, spilled = sums[C_CHANGES_LOST], counters.spilled_sockets
         everything = (lost, spilled) != (self._seen_lost, self._seen_spilled)
         self._seen_lost, self._seen_spilled = lost, spilled
