@@ -15,6 +15,7 @@ kprobe     kprobe+kretprobe on the same functions            kprobes (CONFIG_KPR
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,17 @@ class BackendPlan:
 
 
 SLOTS_SINCE = (5, 12)
+# User space reads a slot's owner, counters and owner again from the memory-mapped array
+# with plain loads (agent/ebpf/decoding.py fold_slot): the owner check holds only where the
+# CPU does not reorder loads with loads, as x86-64 does not. Elsewhere (arm64 may) sockets
+# count in their map entries, which user space reads through bpf(2), as before 5.12.
+SLOTS_MACHINES = ("x86_64", "amd64")
+
+
+def _slots(release: str, machine: str) -> bool:
+    """Whether the hot path's slot array is used: ``("6.18.1", "x86_64")`` -> True;
+    ``("5.11.22", "x86_64")`` or ``("6.18.1", "aarch64")`` -> False."""
+    return _kernel_version(release) >= SLOTS_SINCE and machine in SLOTS_MACHINES
 
 
 def _has_tracepoint(btf: Btf, name: str) -> bool:
@@ -100,11 +112,14 @@ def plan_backend(
     release: str,
     sys_root: Path = Path("/sys"),
     for_attaching: bool = True,
+    machine: str | None = None,
 ) -> BackendPlan:
     """What to compile and attach for a backend, or BackendUnavailable saying why not.
 
     ``for_attaching=False`` plans a compile only: it skips the check that the kernel has
-    kprobes (compiling needs none)."""
+    kprobes (compiling needs none). ``machine``: this one's (``platform.machine()``) unless
+    given; it decides, with the release, whether the slot array is used (SLOTS_MACHINES)."""
+    slots = _slots(release, machine if machine is not None else platform.machine())
     lifecycle = tuple(Hook("raw_tracepoint", tp, fn) for tp, fn in LIFECYCLE_TRACEPOINTS)
     for tracepoint in dict(LIFECYCLE_TRACEPOINTS):
         if not _has_tracepoint(btf, tracepoint):
@@ -126,6 +141,7 @@ def plan_backend(
                 Hook("raw_tracepoint", "sock_send_length", "on_send"),
                 Hook("raw_tracepoint", "sock_recv_length", "on_receive"),
             ),
+            slots=slots,
         )
     if name == "fentry":
         cflags, sendpage = _tcp_function_cflags(btf, release)
@@ -136,7 +152,7 @@ def plan_backend(
             ("-DBACKEND_FENTRY=1", *cflags),
             lifecycle,
             functions,
-            slots=_kernel_version(release) >= SLOTS_SINCE,
+            slots=slots,
         )
     if name == "kprobe":
         kprobe_pmu = sys_root / "bus/event_source/devices/kprobe"
@@ -162,7 +178,7 @@ def plan_backend(
             "tcpacct.c",
             ("-DBACKEND_KPROBE=1", *cflags),
             tuple(hooks),
-            slots=_kernel_version(release) >= SLOTS_SINCE,
+            slots=slots,
         )
     raise BackendUnavailable(name, f"unknown backend (choose from {', '.join(BACKENDS)})")
 

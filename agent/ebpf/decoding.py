@@ -129,7 +129,8 @@ def fold_slot(
     The owner is read before and after the counters: the kernel clears it first when it
     frees a slot (bpf/tcpacct.c free_slot) and ids are never reused, so the same owner both
     times means the counters between were this socket's (loads are not reordered on
-    x86-64).
+    x86-64; on other machines the tracer uses no slots: agent/ebpf/backends.py
+    SLOTS_MACHINES).
     """
     sid, sent, received, slot = _ENTRY_FOLD.unpack_from(raw, offset)
     if not slot:
