@@ -52,3 +52,10 @@ def test_a_niceness_out_of_range_is_refused() -> None:
 def test_niceness_is_read_past_a_name_with_spaces_and_parentheses() -> None:
     line = "42 (my (odd) prog) S 1 42 42 0 -1 4194560 100 0 0 0 5 2 0 0 30 10 3 0 77\n"
     assert niceness_of(line) == 10
+
+
+def test_a_thread_that_cannot_be_changed_is_logged_and_left(tmp_path, caplog) -> None:
+    """A thread that exited between listing and setting: logged, not counted, no error."""
+    (tmp_path / "2147483646").mkdir()  # no such thread
+    assert yield_cpu(10, tasks=tmp_path) == 0
+    assert "could not set thread 2147483646 to niceness 10" in caplog.text
