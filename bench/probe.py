@@ -26,7 +26,7 @@ command                             answer
 ``{"cmd": "report", "ports": [P]}`` ledger sockets and accountant totals for those ports
                                     (since the last ``"mark": true`` report: a workload's
                                     server port may be one an earlier workload used)
-``{"cmd": "stats"}``                poller thread's polls and CPU per poll, RSS
+``{"cmd": "stats"}``                poller thread's CPU per poll, the errors it survived, RSS
 ``{"cmd": "detach"}``               detach every hook (programs stay loaded, maps kept) and
                                     pause the poller: the data path as with no agent
 ``{"cmd": "attach"}``               attach again (lifecycle hooks first) and resume polling;
@@ -68,6 +68,7 @@ from agent.resolve.processes import ProcessNames
 from agent.settings import Settings
 
 SERVICE_LABEL = "destination_service"
+log = logging.getLogger("bench.probe")
 
 
 STATUS_FIELDS = {
@@ -122,6 +123,7 @@ class ProbedAgent:
         # accountant totals (service, metric, reporter) when the last round began
         self.marked: dict[tuple[str, str, str], int] = {}
         self.poller_cpu: list[float] = []
+        self.poller_errors: list[str] = []  # what the poller thread survived (stats)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self.stats_fd: int | None = None  # while the kernel's run-time statistics are on
@@ -132,13 +134,21 @@ class ProbedAgent:
             self.thread.start()
 
     def _poll_forever(self) -> None:
+        """Poll every interval. A poll that raises is logged and kept in ``poller_errors``
+        (the accuracy checks read them), and the thread goes on as the agent's would: a
+        poller that died silently would leave later rounds without periodic polls."""
         while not self.stop.wait(self.interval):
             if not self.attached.is_set():
                 continue
-            if not self.accounting:
-                self.discard_raw()
+            try:
+                if not self.accounting:
+                    self.discard_raw()
+                    continue
+                result = self.poll()
+            except Exception as error:
+                log.exception("poll failed")
+                self.poller_errors.append(f"{type(error).__name__}: {error}")
                 continue
-            result = self.poll()
             self.poller_cpu.append(result["poll_cpu_s"] + result["apply_cpu_s"])
 
     def discard_raw(self) -> None:
@@ -326,7 +336,10 @@ def serve(agent: ProbedAgent) -> None:
         elif name == "report":
             _answer(agent.report(set(command["ports"]), bool(command.get("mark"))))
         elif name == "stats":
-            _answer({"poller_cpu_s": agent.poller_cpu, **memory_kib()})
+            _answer({
+                "poller_cpu_s": agent.poller_cpu, "poller_errors": agent.poller_errors,
+                **memory_kib(),
+            })  # fmt: skip
         elif name == "run_time_stats":
             agent.run_time_stats(bool(command["on"]))
             _answer({"ok": True})

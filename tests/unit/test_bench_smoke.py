@@ -243,6 +243,43 @@ def test_a_reports_service_totals_are_counted_from_the_rounds_mark() -> None:
     assert services == {"127.0.0.1:80": {"istio_tcp_received_bytes_total": {"source": 768_000}}}
 
 
+def test_the_probes_poller_survives_a_poll_that_raises_and_reports_it() -> None:
+    """A periodic poll that raises is kept in ``poller_errors`` (an accuracy check reads
+    them) and the poller goes on polling, as the agent's does."""
+    import threading
+
+    from agent.model import KernelCounters, KernelPoll
+    from bench.probe import ProbedAgent
+
+    polled = threading.Event()
+
+    class Tracer:
+        calls = 0
+
+        def poll(self) -> KernelPoll:
+            self.calls += 1
+            if self.calls == 1:
+                raise OSError(5, "injected")
+            if self.calls >= 3:
+                polled.set()
+            return KernelPoll(KernelCounters(), (), ())
+
+    class Accountant:
+        def apply(self, poll: KernelPoll) -> None:
+            pass
+
+    agent = ProbedAgent(Tracer(), Accountant(), interval=0.01)  # type: ignore[arg-type]
+    agent.start_poller()
+    try:
+        assert polled.wait(10.0)
+    finally:
+        agent.stop.set()
+        assert agent.thread is not None
+        agent.thread.join(5.0)
+    assert agent.poller_errors == ["OSError: [Errno 5] injected"]
+    assert len(agent.poller_cpu) >= 2
+
+
 def test_k8s_accounting_polls_are_new_connections_whose_ends_mirror_each_other() -> None:
     """bench.k8s_cache's accounting figure must measure sockets the accountant has never
     seen: ids of consecutive polls must not overlap, and each client's peer is its server."""
