@@ -254,8 +254,8 @@ def _accuracy_figure(key: str, title: str, checks: list[list[dict[str, Any]]]) -
         title=title,
         unit="fraction of runs exact",
         method="every agent-on round: tracer per-socket counts vs bytes the applications "
-        "moved, vs tcp_info (less SYN/FIN octets), and accountant series vs tracer sums; a "
-        "run is exact when every check is.",
+        "moved, vs tcp_info (less SYN/FIN octets), and accountant series vs tracer sums, and "
+        "no periodic poll of the probe raised; a run is exact when every check is.",
         value=summarise([float(all(c["exact"] for c in run)) for run in checks]),
         target=Target("value", ">=", 1.0, "100 % exact counts in every run", every_round=True),
         details={
