@@ -73,6 +73,17 @@ class Endpoint:
 
 
 @functools.lru_cache(maxsize=65536)
+def is_loopback(address: str) -> bool:
+    """``"127.0.0.1"`` -> True, ``"::1"`` -> True, ``"198.18.0.5"`` -> False, ``"x"`` ->
+    False; remembered (a node sees few addresses, each in many connections: parsing one
+    costs microseconds)."""
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+@functools.lru_cache(maxsize=65536)
 def fold_address(address: str) -> str:
     """Canonical text of an address, IPv4-mapped IPv6 folded to IPv4.
 

@@ -206,7 +206,7 @@ def _poller_check(probe: AgentProbe) -> dict[str, Any]:
     }
 
 
-def _unix_checks(probe: AgentProbe, before: list[int], moved: Moved) -> list[dict[str, Any]]:
+def _unix_checks(probe: AgentProbe, before: list[int]) -> list[dict[str, Any]]:
     probe.request({"cmd": "settle", "polls": 2})
     after = probe.request({"cmd": "report", "ports": [0]})["unattributed"]
     return [
@@ -236,7 +236,7 @@ def _run_workload(probe: AgentProbe, work: _Workload, pairs: int) -> _Series:
             if mode == "on":
                 series.on.append(value)
                 if moved.name == "unix_send_recv":
-                    series.checks.append(_unix_checks(probe, before, moved))
+                    series.checks.append(_unix_checks(probe, before))
                 else:
                     series.checks.append(_account(probe, moved, before))
             else:

@@ -31,18 +31,18 @@ class Target:
             return spread.median
         return spread.min if self.op == ">=" else spread.max
 
-    def verdict(self, median: float) -> tuple[bool, float]:
+    def verdict(self, value: float) -> tuple[bool, float]:
         """(met, by how much it is missed; 0 when met).
 
         ``Target("added", "<=", 120).verdict(165.0)`` -> ``(False, 45.0)``;
         ``Target("ratio", ">=", 0.95).verdict(0.97)`` -> ``(True, 0.0)``.
         """
-        if math.isnan(median):
+        if math.isnan(value):
             return False, math.nan
         if self.op == ">=":
-            return median >= self.bound, max(0.0, self.bound - median)
+            return value >= self.bound, max(0.0, self.bound - value)
         if self.op == "<=":
-            return median <= self.bound, max(0.0, median - self.bound)
+            return value <= self.bound, max(0.0, value - self.bound)
         raise ValueError(f"unknown target operator {self.op!r}")
 
 

@@ -560,50 +560,56 @@ static __always_inline int handle_destroy(struct bpf_raw_tracepoint_args *ctx)
 #define BUSY_DESTROY 1
 BPF_PERCPU_ARRAY(lifecycle_busy, u32, 2);
 
-static __always_inline int is_busy(u32 which)
+// This CPU's busy flag of a primary (NULL only if the array lookup failed).
+static __always_inline u32 *busy_flag(u32 which)
 {
-    u32 *flag = lifecycle_busy.lookup(&which);
-    return flag && *flag;
+    return lifecycle_busy.lookup(&which);
+}
+
+// A primary: marked busy on this CPU while it handles its event.
+static __always_inline int run_primary(u32 which, struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 *busy = busy_flag(which);
+    if (busy)
+        *busy = 1;
+    if (which == BUSY_SET_STATE)
+        handle_set_state(ctx);
+    else
+        handle_destroy(ctx);
+    if (busy)
+        *busy = 0;
+    return 0;
+}
+
+// A nested twin: acts (and counts) only while its primary is marked busy on this CPU,
+// i.e. for an event the kernel skipped the primary for.
+static __always_inline int run_nested(u32 which, struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 *busy = busy_flag(which);
+    if (!busy || !*busy)
+        return 0; // the primary ran (or runs) for this event
+    count(C_LIFECYCLE_NESTED, 1);
+    return which == BUSY_SET_STATE ? handle_set_state(ctx) : handle_destroy(ctx);
 }
 
 int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
-    u32 which = BUSY_SET_STATE;
-    u32 *busy = lifecycle_busy.lookup(&which);
-    if (busy)
-        *busy = 1;
-    handle_set_state(ctx);
-    if (busy)
-        *busy = 0;
-    return 0;
+    return run_primary(BUSY_SET_STATE, ctx);
 }
 
 int on_set_state_nested(struct bpf_raw_tracepoint_args *ctx)
 {
-    if (!is_busy(BUSY_SET_STATE))
-        return 0; // on_set_state ran (or runs) for this event
-    count(C_LIFECYCLE_NESTED, 1);
-    return handle_set_state(ctx);
+    return run_nested(BUSY_SET_STATE, ctx);
 }
 
 int on_destroy(struct bpf_raw_tracepoint_args *ctx)
 {
-    u32 which = BUSY_DESTROY;
-    u32 *busy = lifecycle_busy.lookup(&which);
-    if (busy)
-        *busy = 1;
-    handle_destroy(ctx);
-    if (busy)
-        *busy = 0;
-    return 0;
+    return run_primary(BUSY_DESTROY, ctx);
 }
 
 int on_destroy_nested(struct bpf_raw_tracepoint_args *ctx)
 {
-    if (!is_busy(BUSY_DESTROY))
-        return 0;
-    count(C_LIFECYCLE_NESTED, 1);
-    return handle_destroy(ctx);
+    return run_nested(BUSY_DESTROY, ctx);
 }
 
 #if defined(BACKEND_TRACEPOINT)

@@ -28,8 +28,6 @@ Protocols below, which ``KubernetesCache``, ``NetnsResolver``, ``CgroupResolver`
 from __future__ import annotations
 
 import dataclasses
-import functools
-import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -44,6 +42,7 @@ from agent.model import (
     Role,
     ServiceIdentity,
     SocketSample,
+    is_loopback,
 )
 
 
@@ -104,16 +103,6 @@ class _End:
 def _pod_end(pod: PeerIdentity, endpoint: Endpoint) -> _End:
     """A pod found in the directory, at the address and port this connection uses."""
     return _End(pod.at_address(endpoint.address, endpoint.port), pod_ip=pod.ip)
-
-
-@functools.lru_cache(maxsize=65536)
-def _is_loopback(address: str) -> bool:
-    """``"127.0.0.1"`` -> True, ``"::1"`` -> True, ``"198.18.0.5"`` -> False; remembered
-    (a node sees few addresses, each in many connections: parsing one costs microseconds)."""
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def _unknown(endpoint: Endpoint) -> PeerIdentity:
@@ -202,7 +191,7 @@ class KubernetesEnricher:
         return _End(by_address.identity, pending=True)
 
     def _by_address(self, endpoint: Endpoint, at: float) -> _End:
-        if _is_loopback(endpoint.address):
+        if is_loopback(endpoint.address):
             return _End(_unknown(endpoint))
         pod = self.pods.pod_by_ip(endpoint.address, at)
         if pod is not None:
@@ -221,7 +210,7 @@ class KubernetesEnricher:
             pod = self.pods.pod_by_uid(uid) if uid is not None else None
             if pod is not None:
                 return _pod_end(pod, address)
-        if _is_loopback(address.address):
+        if is_loopback(address.address):
             # Same network namespace: the same pod (host-network pods have a peer socket).
             identity = local.identity.at_address(address.address, address.port)
             return _End(identity, pending=local.pending, pod_ip=local.pod_ip)
@@ -249,7 +238,7 @@ class KubernetesEnricher:
         service = None
         # kube-proxy DNATs to endpoints, never to a loopback address: a loopback server socket
         # has no NAT mapping to find, and each conntrack lookup costs milliseconds.
-        if self.nat is not None and not _is_loopback(sample.local.address):
+        if self.nat is not None and not is_loopback(sample.local.address):
             original = self.nat.original_tuple(client, sample.local)
             if original is not None:
                 original_client, original_server = original

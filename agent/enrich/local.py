@@ -11,8 +11,6 @@ end when it is on this host, else the remote address; ``destination_service`` is
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import sys
 from collections.abc import Callable, Hashable
 
@@ -26,15 +24,8 @@ from agent.model import (
     Role,
     ServiceIdentity,
     SocketSample,
+    is_loopback,
 )
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 class LocalEnricher:
@@ -73,7 +64,7 @@ class LocalEnricher:
             remote_name = self._name(peer)
             if remote_name is None and not final:
                 return None
-        elif _is_loopback(sample.remote.address) and not final:
+        elif is_loopback(sample.remote.address) and not final:
             return None  # the other end is on this host; its socket appears next poll
         else:
             remote_name = None
