@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,16 +181,34 @@ def _off(probe: AgentProbe) -> None:
     probe.request({"cmd": "detach"})
 
 
-def _account(probe: AgentProbe, moved: Moved, before: list[int]) -> list[dict[str, Any]]:
+UNATTRIBUTED_CHECK = "unattributed bytes unchanged (nothing spilled or untracked)"
+LIFECYCLE_CHECK = "no lifecycle event missed (tcpacct_lifecycle_events_missed_total unchanged)"
+UNIX_CHECK = "no bytes counted for AF_UNIX (unattributed unchanged)"
+
+
+def _account(probe: AgentProbe, moved: Moved, mark: Mapping[str, Any]) -> list[dict[str, Any]]:
     probe.request({"cmd": "settle", "polls": 5, "ports": [moved.server_port]})
     report = probe.request({"cmd": "report", "ports": [moved.server_port]})
-    unattributed = {
-        "check": "unattributed bytes unchanged (nothing spilled or untracked)",
-        "expected": sum(before),
-        "got": sum(report["unattributed"]),
-        "exact": before == report["unattributed"],
+    return [
+        *compare(moved, report),
+        _unchanged(UNATTRIBUTED_CHECK, mark, report, "unattributed"),
+        _unchanged(LIFECYCLE_CHECK, mark, report, "lifecycle_events_missed"),
+        _poller_check(probe),
+    ]
+
+
+def _unchanged(
+    name: str, mark: Mapping[str, Any], report: Mapping[str, Any], field: str
+) -> dict[str, Any]:
+    """A check that the agent's own loss counter ``field`` is where the round's mark left
+    it: ``[0, 0]`` then ``[0, 64]`` -> expected 0, got 64, not exact."""
+    before, after = mark[field], report[field]
+    return {
+        "check": name,
+        "expected": sum(before) if isinstance(before, list) else before,
+        "got": sum(after) if isinstance(after, list) else after,
+        "exact": before == after,
     }
-    return [*compare(moved, report), unattributed, _poller_check(probe)]
 
 
 def _poller_check(probe: AgentProbe) -> dict[str, Any]:
@@ -206,16 +224,11 @@ def _poller_check(probe: AgentProbe) -> dict[str, Any]:
     }
 
 
-def _unix_checks(probe: AgentProbe, before: list[int]) -> list[dict[str, Any]]:
+def _unix_checks(probe: AgentProbe, mark: Mapping[str, Any]) -> list[dict[str, Any]]:
     probe.request({"cmd": "settle", "polls": 2})
-    after = probe.request({"cmd": "report", "ports": [0]})["unattributed"]
+    report = probe.request({"cmd": "report", "ports": [0]})
     return [
-        {
-            "check": "no bytes counted for AF_UNIX (unattributed unchanged)",
-            "expected": sum(before),
-            "got": sum(after),
-            "exact": before == after,
-        },
+        _unchanged(UNIX_CHECK, mark, report, "unattributed"),
         _poller_check(probe),
     ]
 
@@ -226,7 +239,7 @@ def _run_workload(probe: AgentProbe, work: _Workload, pairs: int) -> _Series:
         for mode in ("on", "off") if pair % 2 == 0 else ("off", "on"):
             (_on if mode == "on" else _off)(probe)
             # marks the accountant's totals: the round's are compared as differences
-            before = probe.request({"cmd": "report", "ports": [0], "mark": True})["unattributed"]
+            mark = probe.request({"cmd": "report", "ports": [0], "mark": True})
             started = time.monotonic()
             moved = work.run()
             series.round_seconds.append(time.monotonic() - started)
@@ -236,9 +249,9 @@ def _run_workload(probe: AgentProbe, work: _Workload, pairs: int) -> _Series:
             if mode == "on":
                 series.on.append(value)
                 if moved.name == "unix_send_recv":
-                    series.checks.append(_unix_checks(probe, before))
+                    series.checks.append(_unix_checks(probe, mark))
                 else:
-                    series.checks.append(_account(probe, moved, before))
+                    series.checks.append(_account(probe, moved, mark))
             else:
                 series.off.append(value)
         log.info("%s pair %d: on %.4g off %.4g", work.key, pair, series.on[-1], series.off[-1])
@@ -254,8 +267,10 @@ def _accuracy_figure(key: str, title: str, checks: list[list[dict[str, Any]]]) -
         title=title,
         unit="fraction of runs exact",
         method="every agent-on round: tracer per-socket counts vs bytes the applications "
-        "moved, vs tcp_info (less SYN/FIN octets), and accountant series vs tracer sums, and "
-        "no periodic poll of the probe raised; a run is exact when every check is.",
+        "moved, vs tcp_info (less SYN/FIN octets), and accountant series vs tracer sums; the "
+        "agent's own loss counters (unattributed bytes, lifecycle events missed) unchanged "
+        "over the round, and no periodic poll of the probe raised; a run is exact when every "
+        "check is.",
         value=summarise([float(all(c["exact"] for c in run)) for run in checks]),
         target=Target("value", ">=", 1.0, "100 % exact counts in every run", every_round=True),
         details={

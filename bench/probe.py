@@ -243,6 +243,7 @@ class ProbedAgent:
             "sockets": sockets,
             "services": services,
             "unattributed": [stats.unattributed_sent_bytes, stats.unattributed_received_bytes],
+            "lifecycle_events_missed": stats.lifecycle_events_missed,
         }
 
     def _service_totals(self, ports: set[int] | None) -> dict[tuple[str, str, str], int]:

@@ -243,6 +243,22 @@ def test_a_reports_service_totals_are_counted_from_the_rounds_mark() -> None:
     assert services == {"127.0.0.1:80": {"istio_tcp_received_bytes_total": {"source": 768_000}}}
 
 
+def test_a_round_with_a_missed_lifecycle_event_is_not_exact() -> None:
+    """The accuracy checks include the agent's own loss counters, each against the round's
+    mark: one lifecycle event missed during the round makes it inexact, one missed before
+    it does not."""
+    from bench.datapath import LIFECYCLE_CHECK, _unchanged
+
+    mark = {"lifecycle_events_missed": 2, "unattributed": [0, 64]}
+    same = _unchanged(LIFECYCLE_CHECK, mark, dict(mark), "lifecycle_events_missed")
+    assert (same["expected"], same["got"], same["exact"]) == (2, 2, True)
+    report = {"lifecycle_events_missed": 3, "unattributed": [0, 64]}
+    missed = _unchanged(LIFECYCLE_CHECK, mark, report, "lifecycle_events_missed")
+    assert (missed["expected"], missed["got"], missed["exact"]) == (2, 3, False)
+    spilled = _unchanged("u", mark, {"unattributed": [64, 64]}, "unattributed")
+    assert (spilled["expected"], spilled["got"], spilled["exact"]) == (64, 128, False)
+
+
 def test_the_probes_poller_survives_a_poll_that_raises_and_reports_it() -> None:
     """A periodic poll that raises is kept in ``poller_errors`` (an accuracy check reads
     them) and the poller goes on polling, as the agent's does."""
