@@ -21,7 +21,7 @@ UNKNOWN = "unknown"
 
 
 class Role(enum.IntEnum):
-    """Which end of the connection a socket is (values shared with bpf/common.h)."""
+    """Which end of the connection a socket is (values shared with bpf/tcpacct.c)."""
 
     UNKNOWN = 0
     CLIENT = 1  # connect()ed: SYN_SENT -> ESTABLISHED
@@ -29,7 +29,7 @@ class Role(enum.IntEnum):
 
 
 class SocketFlag(enum.IntFlag):
-    """Lifecycle facts the kernel recorded on a socket (values shared with bpf/common.h)."""
+    """Lifecycle facts the kernel recorded on a socket (values shared with bpf/tcpacct.c)."""
 
     NONE = 0
     OPENED = 1  # the transition to ESTABLISHED was seen

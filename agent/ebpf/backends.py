@@ -1,6 +1,6 @@
 """The three kernel backends: what each hooks, what it needs, and why it may not load here.
 
-All share bpf/common.h (maps and the lifecycle on raw tracepoints ``inet_sock_set_state`` and
+All share bpf/tcpacct.c (maps and the lifecycle on raw tracepoints ``inet_sock_set_state`` and
 ``tcp_destroy_sock``); they differ in how bytes are counted:
 
 ========== ================================================ ===============================

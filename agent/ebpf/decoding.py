@@ -1,4 +1,4 @@
-"""Decoding the kernel's raw values (bpf/common.h) into :mod:`agent.model` types.
+"""Decoding the kernel's raw values (bpf/tcpacct.c) into :mod:`agent.model` types.
 
 The BPF side keeps raw bytes: addresses in 16-byte arrays, ports in network byte order, the
 task name as a NUL-padded char array. These small functions turn them into text.
@@ -18,7 +18,7 @@ from agent.model import Endpoint, KernelCounters, Role, SocketFlag, SocketSample
 AF_INET = socket.AF_INET  # 2
 AF_INET6 = socket.AF_INET6  # 10
 
-# Indices of the `counters` per-CPU array (bpf/common.h C_*).
+# Indices of the `counters` per-CPU array (bpf/tcpacct.c C_*).
 C_UNTRACKED_SENT, C_UNTRACKED_RECEIVED, C_UNTRACKED_SOCKETS = 0, 1, 2
 C_SPILLED_SENT, C_SPILLED_RECEIVED, C_SPILLED_SOCKETS = 3, 4, 5
 C_CHANGES_LOST = 6  # the `changed` map was full: the reader must read the whole socket map
@@ -27,7 +27,7 @@ C_COUNT = 8
 
 
 class SockInfo(ctypes.Structure):
-    """Mirror of ``struct sock_info`` (bpf/common.h), for fixtures and raw buffers."""
+    """Mirror of ``struct sock_info`` (bpf/tcpacct.c), for fixtures and raw buffers."""
 
     _fields_ = [
         ("id", ctypes.c_uint64),

@@ -14,7 +14,10 @@ from agent.ebpf import tracing
 from agent.ebpf.backends import plan_backend
 from agent.ebpf.btf import Btf
 from agent.ebpf.decoding import SLOT, SOCK_INFO, SockInfo, encode_port
+from agent.ebpf.syscalls import MapHandle
 from agent.ebpf.tracing import Capacities, KernelTracer
+from agent.model import Role, SocketFlag
+from tests.support.bpf_maps import delete_entry
 from tests.support.harness import (
     Harness,
     connect_pair,
@@ -192,6 +195,56 @@ def test_a_retired_socket_frees_its_slot(harness) -> None:
         assert not ids & {s.socket_id for s in harness.tracer.poll().live}
         in_use = {owner_id for _, owner_id, *_ in _slots(harness.tracer)}
         assert not ids & in_use
+
+
+@pytest.fixture
+def own_tracer(backend):
+    """A tracer of the test's own (white-box edits of its maps stay out of the session's)."""
+    tracer = open_test_tracer(backend, Capacities(sockets=1024, closed=1024, listeners=64))
+    yield tracer
+    tracer.close()
+
+
+def test_a_new_entry_takes_over_a_slot_still_naming_its_address(own_tracer) -> None:
+    """give_slot's takeover: when a socket's entry is gone but its slot still names the
+    address (staged here: the entry deleted from user space, the slot sent to the slow
+    path), the socket's next call tracks it anew, and the new entry takes the slot with
+    what it had counted: no byte the slot held is lost."""
+    tracer = own_tracer
+    with listener() as lsock:
+        port = lsock.getsockname()[1]
+        client, server = connect_pair(lsock)
+        try:
+            exchange(client, server, 10, 20)
+            (old,) = [s for s in _ends(tracer, port).values() if s.remote.port == port]
+            entry = _entries(tracer)[old.socket_id]
+            index = entry.slot - 1
+            sk, owner_id, sent, received, _, spare = _slots(tracer)[index]
+            assert (owner_id, entry.sent + sent, entry.received + received) == (
+                old.socket_id,
+                10,
+                20,
+            )
+            assert (entry.sent, entry.received) == (0, 0), "all in the slot: staged as lost"
+            fds = tracer._program.map_fds
+            delete_entry(fds["socks"], sk.to_bytes(8, "little"))
+            slots = MapHandle(fds["slots"], 4, SLOT.size)
+            slots.update(index.to_bytes(4, "little"), SLOT.pack(sk, owner_id, sent, received,
+                                                                1, spare))  # fmt: skip
+            send_exact(client, 7)
+            recv_exact(server, 7)
+            (new,) = [e for e in _entries(tracer).values() if e.id != old.socket_id
+                      and _slots(tracer)[index][0] == sk and e.slot == index + 1]  # fmt: skip
+            assert new.id > old.socket_id
+            assert new.flags & SocketFlag.PREEXISTING and new.role == Role.CLIENT
+            _, new_owner, slot_sent, slot_received, needs_process, _ = _slots(tracer)[index]
+            assert (new_owner, needs_process) == (new.id, 0)
+            assert (new.sent + slot_sent, new.received + slot_received) == (17, 20)
+            (sample,) = [s for s in _ends(tracer, port).values() if s.socket_id == new.id]
+            assert (sample.sent_bytes, sample.received_bytes) == (17, 20)
+        finally:
+            client.close()
+            server.close()
 
 
 @pytest.fixture
