@@ -30,11 +30,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from agent.model import (
     NO_SERVICE,
+    UNKNOWN,
     ConnectionAttributes,
     Endpoint,
     PeerIdentity,
@@ -90,23 +91,25 @@ class NatTable(Protocol):
 
 @dataclasses.dataclass(slots=True)
 class _End:
-    """One resolved end: its identity, and whether waiting a poll could name it better.
+    """One resolved end: the pod at ``endpoint`` (None: no known pod), and whether waiting
+    a poll could name it better. Its identity is made only when attributes are: a socket
+    named by its key needs none.
 
     Not changed once made; not frozen for the constructor's cost (as PeerIdentity): a churn
     makes two or three per socket."""
 
-    identity: PeerIdentity
+    endpoint: Endpoint  # the address and port this connection uses at that end
+    pod: PeerIdentity | None = None  # the directory's identity of the pod, at its own ip
     pending: bool = False
-    pod_ip: str = ""  # the pod's own address (the end may use loopback or the node's)
 
-
-def _pod_end(pod: PeerIdentity, endpoint: Endpoint) -> _End:
-    """A pod found in the directory, at the address and port this connection uses."""
-    return _End(pod.at_address(endpoint.address, endpoint.port), pod_ip=pod.ip)
-
-
-def _unknown(endpoint: Endpoint) -> PeerIdentity:
-    return PeerIdentity(ip=endpoint.address, port=endpoint.port)
+    def identity(self) -> PeerIdentity:
+        """The pod at this connection's address and port; "unknown" in every other field
+        when there is no pod: ``_End(Endpoint("198.18.0.2", 40000), WEB).identity()`` ->
+        web-1 at 198.18.0.2:40000."""
+        endpoint, pod = self.endpoint, self.pod
+        if pod is None:
+            return PeerIdentity(ip=endpoint.address, port=endpoint.port)
+        return pod.at_address(endpoint.address, endpoint.port)
 
 
 class KubernetesEnricher:
@@ -134,6 +137,9 @@ class KubernetesEnricher:
         self._clock = clock
         self._first_seen: OrderedDict[int, float] = OrderedDict()
         self._max_remembered = max_remembered_sockets
+        # (socket id, first seen) of the socket naming_key was last asked for: an
+        # attributes() call for the same socket right after resolves it at the same time.
+        self._keyed_at: tuple[int, float] = (0, 0.0)
 
     def attributes(
         self, sample: SocketSample, peers: PeerIndex, *, final: bool
@@ -141,26 +147,55 @@ class KubernetesEnricher:
         if not final and not self.pods.synced():
             return None  # the cache is still listing: every lookup would miss for now
         at = self._first_seen_at(sample.socket_id)
-        local = self._local_end(sample, at)
-        if sample.role is Role.SERVER:
-            source, service = self._server_view(sample, peers, local, at)
-            destination = local
-        else:
-            destination, service = self._client_view(sample, peers, local, at)
-            source = local
+        source, destination, service = self._ends(sample, peers, at)
         if not final and (source.pending or destination.pending):
             return None
         self._first_seen.pop(sample.socket_id, None)
         return ConnectionAttributes(
             reporter=sample.reporter,
-            source=source.identity,
-            destination=destination.identity,
+            source=source.identity(),
+            destination=destination.identity(),
             service=service,
         )
+
+    def naming_key(self, sample: SocketSample, peers: PeerIndex) -> Hashable | None:
+        """``agent.model.NamingKeys``: the socket's role, the pods of its two ends (None for
+        an end that is no known pod) and its Service - everything :meth:`attributes` names
+        it by but the ends' ip and port. None while :meth:`attributes` would wait.
+
+        A client in pod web-1 (port 41000) to db-0 through Service db ->
+        ``(Role.CLIENT, <web-1>, <db-0>, <db>)``, as from port 41002. Asked for finished
+        sockets: like ``attributes(final=True)`` it forgets when the socket was first seen
+        (an ``attributes`` call for the same socket next still resolves at that time)."""
+        if not self.pods.synced():
+            return None
+        socket_id = sample.socket_id
+        at = self._first_seen.pop(socket_id, None)
+        if at is None:
+            at = self._clock()
+        self._keyed_at = (socket_id, at)
+        source, destination, service = self._ends(sample, peers, at)
+        if source.pending or destination.pending:
+            return None
+        return (sample.role, source.pod, destination.pod, service)
+
+    def _ends(
+        self, sample: SocketSample, peers: PeerIndex, at: float
+    ) -> tuple[_End, _End, ServiceIdentity]:
+        """The connection's source and destination, and its Service."""
+        local = self._local_end(sample, at)
+        if sample.role is Role.SERVER:
+            source, service = self._server_view(sample, peers, local, at)
+            return source, local, service
+        destination, service = self._client_view(sample, peers, local, at)
+        return local, destination, service
 
     # -- the local end -----------------------------------------------------------------------
 
     def _first_seen_at(self, socket_id: int) -> float:
+        keyed_id, keyed_at = self._keyed_at
+        if keyed_id == socket_id:
+            return keyed_at
         seen = self._first_seen.get(socket_id)
         if seen is None:
             seen = self._clock()
@@ -183,20 +218,20 @@ class KubernetesEnricher:
         if uid is not None:
             pod = self.pods.pod_by_uid(uid)
             if pod is not None:
-                return _pod_end(pod, sample.local)
+                return _End(sample.local, pod)
         by_address = self._by_address(sample.local, at)
-        if by_address.identity.workload != "unknown" or uid is None:
+        if uid is None or (by_address.pod is not None and by_address.pod.workload != UNKNOWN):
             return by_address
         # A pod we know runs here, not in the cache yet: worth another poll.
-        return _End(by_address.identity, pending=True)
+        return _End(sample.local, by_address.pod, pending=True)
 
     def _by_address(self, endpoint: Endpoint, at: float) -> _End:
         if is_loopback(endpoint.address):
-            return _End(_unknown(endpoint))
+            return _End(endpoint)
         pod = self.pods.pod_by_ip(endpoint.address, at)
         if pod is not None:
-            return _pod_end(pod, endpoint)
-        return _End(_unknown(endpoint), pending=self.pods.may_be_pod_ip(endpoint.address))
+            return _End(endpoint, pod)
+        return _End(endpoint, pending=self.pods.may_be_pod_ip(endpoint.address))
 
     # -- the remote end ----------------------------------------------------------------------
 
@@ -209,11 +244,10 @@ class KubernetesEnricher:
             uid = self._pod_uid_of(peer)
             pod = self.pods.pod_by_uid(uid) if uid is not None else None
             if pod is not None:
-                return _pod_end(pod, address)
+                return _End(address, pod)
         if is_loopback(address.address):
             # Same network namespace: the same pod (host-network pods have a peer socket).
-            identity = local.identity.at_address(address.address, address.port)
-            return _End(identity, pending=local.pending, pod_ip=local.pod_ip)
+            return _End(address, local.pod, pending=local.pending)
         return self._by_address(address, at)
 
     def _client_view(
@@ -226,7 +260,7 @@ class KubernetesEnricher:
             if self.nat is not None:
                 backend = self.nat.translated_destination(sample.local, remote)
             if backend is None or backend == remote:
-                return _End(_unknown(remote)), service
+                return _End(remote), service
             return self._by_address(backend, at), service
         destination = self._remote_end(sample, peers, local, remote, at)
         return destination, self._service_of_endpoint(remote, destination)
@@ -259,6 +293,7 @@ class KubernetesEnricher:
         """The Service whose endpoints hold ``endpoint``, else the pod's own address on that
         port (for loopback and host-network addresses)."""
         service = self.pods.service_by_endpoint(endpoint.address, endpoint.port)
-        if service is None and end.pod_ip and end.pod_ip != endpoint.address:
-            service = self.pods.service_by_endpoint(end.pod_ip, endpoint.port)
+        pod_ip = end.pod.ip if end.pod is not None else ""
+        if service is None and pod_ip and pod_ip != endpoint.address:
+            service = self.pods.service_by_endpoint(pod_ip, endpoint.port)
         return service or NO_SERVICE

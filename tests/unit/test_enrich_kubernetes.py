@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.enrich.kubernetes import KubernetesEnricher
 from agent.model import (
+    NO_SERVICE,
     ConnectionAttributes,
     Endpoint,
     PeerIdentity,
@@ -377,3 +381,144 @@ def test_loopback_server_sockets_skip_the_conntrack_lookup() -> None:
     )
     enricher.attributes(pod_address, NO_PEERS, final=False)
     assert asked == [(Endpoint("198.18.0.2", 50000), Endpoint("198.18.0.3", 27017))]
+
+
+# -- naming keys (agent.model.NamingKeys) ----------------------------------------------------
+
+
+def test_connections_between_the_same_pods_share_a_naming_key() -> None:
+    """Two connections from web-1 to db-0 differ in the client's port only: one key, and
+    attributes that differ in that port alone. To db-1 (another pod, same Service) is
+    another key."""
+    enricher, _ = make()
+    first = sample(("198.18.0.2", 40000), ("198.18.0.3", 27017), Role.CLIENT, netns=WEB_NS)
+    second = sample(
+        ("198.18.0.2", 40002), ("198.18.0.3", 27017), Role.CLIENT, netns=WEB_NS, socket_id=2
+    )
+    other_pod = sample(
+        ("198.18.0.2", 40004), ("198.18.0.4", 27017), Role.CLIENT, netns=WEB_NS, socket_id=3
+    )
+    key = enricher.naming_key(first, NO_PEERS)
+    assert key == (Role.CLIENT, WEB, DB0, DB_SERVICE)
+    assert enricher.naming_key(second, NO_PEERS) == key
+    assert enricher.naming_key(other_pod, NO_PEERS) == (Role.CLIENT, WEB, DB1, DB_SERVICE)
+    server = sample(("198.18.0.3", 27017), ("198.18.0.2", 40000), Role.SERVER, netns=DB_NS)
+    assert enricher.naming_key(server, NO_PEERS) == (Role.SERVER, WEB, DB0, DB_SERVICE)
+    external = sample(("198.18.0.2", 40006), ("203.0.113.9", 443), Role.CLIENT, netns=WEB_NS)
+    assert enricher.naming_key(external, NO_PEERS) == (Role.CLIENT, WEB, None, NO_SERVICE)
+
+
+def test_no_naming_key_while_attributes_would_wait() -> None:
+    enricher, directory = make()
+    pending = sample(("198.18.0.2", 40000), ("198.18.0.77", 80), Role.CLIENT, netns=WEB_NS)
+    assert enricher.attributes(pending, NO_PEERS, final=False) is None
+    assert enricher.naming_key(pending, NO_PEERS) is None
+    directory.is_synced = False
+    known = sample(("198.18.0.2", 40000), ("198.18.0.3", 27017), Role.CLIENT, netns=WEB_NS)
+    assert enricher.naming_key(known, NO_PEERS) is None
+
+
+def test_a_keyed_socket_is_named_at_the_time_it_was_first_seen() -> None:
+    """naming_key forgets the socket's first-seen time (nothing is kept per finished
+    socket), and an attributes() call for it right after still looks its addresses up at
+    that time - the pod the key was made from."""
+    clock = Clock()
+    enricher, directory = make(clock=clock)
+    live = sample(("198.18.0.2", 40000), ("198.18.0.77", 27017), Role.CLIENT, netns=WEB_NS)
+    assert enricher.attributes(live, NO_PEERS, final=False) is None  # not in the cache yet
+    directory.by_ip["198.18.0.77"] = DB1
+    clock.now += 60
+    directory.ip_queries.clear()
+    key = enricher.naming_key(live, NO_PEERS)
+    enricher.attributes(live, NO_PEERS, final=True)
+    assert key == (Role.CLIENT, WEB, DB1, DB_SERVICE)
+    assert directory.ip_queries == [("198.18.0.77", 1000.0)] * 2
+    assert not enricher._first_seen
+
+
+def _hidden_keys(enricher: KubernetesEnricher):
+    """The same enricher without ``naming_key``: accounting names every socket."""
+
+    class Plain:
+        def attributes(self, sample, peers, *, final):
+            return enricher.attributes(sample, peers, final=final)
+
+    return Plain()
+
+
+ENDS = (
+    # (local, remote, role, netns): pod to pod, through a ClusterIP (NAT), external, loopback,
+    # host network, an unknown address in the pod network
+    (("198.18.0.2", 0), ("198.18.0.3", 27017), Role.CLIENT, WEB_NS),
+    (("198.18.0.2", 0), ("198.18.0.4", 27017), Role.CLIENT, WEB_NS),
+    (("198.18.0.3", 27017), ("198.18.0.2", 0), Role.SERVER, DB_NS),
+    (("198.18.0.2", 0), ("198.19.0.10", 27017), Role.CLIENT, WEB_NS),
+    (("198.18.0.4", 27017), ("198.18.0.2", 0), Role.SERVER, 0),
+    (("198.18.0.2", 0), ("203.0.113.9", 443), Role.CLIENT, WEB_NS),
+    (("127.0.0.1", 0), ("127.0.0.1", 8080), Role.CLIENT, WEB_NS),
+    (("127.0.0.1", 8080), ("127.0.0.1", 0), Role.SERVER, WEB_NS),
+    (("198.18.0.1", 0), ("198.18.0.3", 27017), Role.CLIENT, 0),
+    (("198.18.0.2", 0), ("198.18.0.99", 80), Role.CLIENT, WEB_NS),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, len(ENDS) - 1),
+            st.integers(1024, 1030),  # the ephemeral port
+            st.integers(0, 500),
+            st.integers(0, 500),
+            st.booleans(),  # live in an earlier poll
+            st.booleans(),  # the pod cache synced
+        ),
+        max_size=20,
+    )
+)
+def test_naming_by_key_counts_what_naming_every_socket_counts(connections) -> None:
+    """Kubernetes mode: an accountant that names finished sockets by their keys ends with
+    the same families as one that names each socket, over pods, Services (with and without
+    NAT), external and loopback ends, host-network pods and addresses not known yet."""
+    from agent.accounting import Accountant
+    from agent.metrics.catalogue import load_catalogue
+    from agent.model import KernelCounters, KernelPoll
+
+    nat = FakeNat(
+        [
+            [("198.18.0.2", p), ("198.19.0.10", 27017), ("198.18.0.4", 27017), ("198.18.0.2", p)]
+            for p in range(1024, 1028)
+        ]
+    )
+    keyed, directory = make(nat=nat)
+    plain, plain_directory = make(nat=nat)
+    accountants = [
+        Accountant(load_catalogue([]), keyed),
+        Accountant(load_catalogue([]), _hidden_keys(plain)),
+    ]
+    final = SocketFlag.OPENED | SocketFlag.CLOSED | SocketFlag.DESTROYED
+    sequence = 0
+    for number, (end, port, sent, received, live_first, synced) in enumerate(connections):
+        local, remote, role, netns = ENDS[end]
+        local = (local[0], local[1] or port)
+        remote = (remote[0], remote[1] or port)
+        one = dataclasses.replace(
+            sample(local, remote, role, netns=netns, socket_id=number + 1),
+            sent_bytes=sent,
+            received_bytes=received,
+            pid=100 if netns == 0 and role is Role.CLIENT else 0,
+        )
+        directory.is_synced = plain_directory.is_synced = synced
+        for accountant in accountants:
+            polls = [((), (dataclasses.replace(one, flags=final),))]
+            if live_first:
+                polls.insert(0, ((dataclasses.replace(one, sent_bytes=0),), ()))
+            for live, finished in polls:
+                sequence += 1
+                accountant.apply(
+                    KernelPoll(KernelCounters(), live, finished, (), {}, sequence=sequence)
+                )
+    snapshots = [
+        [(f.name, f.label_names, dict(f.samples)) for f in a.families()] for a in accountants
+    ]
+    assert snapshots[0] == snapshots[1]
