@@ -1,7 +1,8 @@
 """Figures 1, 2 and 4: the data path with the agent on and off, accuracy, and tcplife.
 
 One agent probe is started for the whole run and toggled: *on* is every hook attached with
-the poller polling every second; *off* is every hook detached (programs loaded but not
+the poller polling every second and the drainer emptying the closed map every 0.25 s, as
+the agent's; *off* is every hook detached (programs loaded but not
 attached, poller paused), so a round costs no recompiling. Rounds come in pairs whose order
 alternates (on-off, off-on, ...) to cancel drift; a figure's ratio and added cost are taken
 per pair, then summarised (median, min to max).
@@ -347,9 +348,9 @@ def measure_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure
 
 def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
     """The churn in rotating triplets of rounds: nothing attached, the hooks alone (the
-    probe empties the maps each second without decoding or accounting), and the agent. The
-    hooks-only ratio is the kernel side's share of the churn overhead; the rest is the
-    agent's user space (decoding, naming and accounting each finished socket)."""
+    probe empties the maps on the agent's schedule without decoding or accounting), and the
+    agent. The hooks-only ratio is the kernel side's share of the churn overhead; the rest
+    is the agent's user space (decoding, naming and accounting each finished socket)."""
     values: dict[str, list[float]] = {"off": [], "hooks": [], "agent": []}
     try:
         _off(probe)
@@ -367,8 +368,8 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
         unit="1/s",
         method=f"the churn figure's workload ({plan.churn_connections} connections, same "
         f"CPUs) in {plan.pairs} triplets of rounds in rotating order: nothing attached (off), "
-        "the hooks attached while the probe only empties the `changed` and closed maps every "
-        "second (on: the kernel side's cost), and the whole agent "
+        "the hooks attached while the probe only empties the `changed` map every second and "
+        "the closed map every 0.25 s (on: the kernel side's cost), and the whole agent "
         "(details.agent_ratio; details.agent_over_hooks: what the agent's user space costs "
         "on top of its hooks, per triplet).",
         on=summarise(values["hooks"]),

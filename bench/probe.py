@@ -2,7 +2,9 @@
 
 It attaches the kernel side (``open_tracer``), folds every poll into a real
 :class:`agent.accounting.Accountant` (built-in metrics, local-mode enricher) and, unless
-``--interval 0``, polls from a background thread every interval as the agent does. Being a
+``--interval 0``, polls from a background thread every interval and drains finished
+sockets' records from the kernel every ``--drain`` seconds (0.25, as the agent's
+``KernelTracer.start_draining``) from another, as the agent does. Being a
 separate process, its polling competes with the workload for CPUs as the real agent would,
 never for the workload's interpreter lock.
 
@@ -58,7 +60,7 @@ from typing import Any
 from agent.accounting import Accountant
 from agent.collecting import tune_for_polling
 from agent.ebpf.syscalls import enable_run_time_stats
-from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
+from agent.ebpf.tracing import DRAIN_PERIOD, Capacities, KernelTracer, open_tracer
 from agent.enrich.local import LocalEnricher
 from agent.metrics.catalogue import load_catalogue
 from agent.model import KernelPoll, SocketFlag, SocketSample
@@ -108,12 +110,23 @@ def sample_record(sample: SocketSample) -> dict[str, Any]:
 
 
 class ProbedAgent:
-    """Tracer + accountant + optional poller thread, with per-poll CPU accounting."""
+    """Tracer + accountant + optional poller and drainer threads, with per-poll CPU
+    accounting."""
 
-    def __init__(self, tracer: KernelTracer, accountant: Accountant, interval: float) -> None:
+    def __init__(
+        self,
+        tracer: KernelTracer,
+        accountant: Accountant,
+        interval: float,
+        drain_period: float = DRAIN_PERIOD,
+    ) -> None:
         self.tracer = tracer
         self.accountant = accountant
         self.interval = interval
+        self.drain_period = drain_period
+        self.drainer: threading.Thread | None = None
+        self._drain_cpu = 0.0  # the drainer's thread CPU since the poller last took it
+        self._drain_cpu_lock = threading.Lock()
         self.lock = threading.Lock()
         self.attached = threading.Event()
         self.attached.set()
@@ -132,6 +145,36 @@ class ProbedAgent:
         if self.interval > 0:
             self.thread = threading.Thread(target=self._poll_forever, daemon=True)
             self.thread.start()
+            if self.drain_period > 0:
+                self.drainer = threading.Thread(target=self._drain_forever, daemon=True)
+                self.drainer.start()
+
+    def _drain_forever(self) -> None:
+        """As the agent's drainer: every drain period the finished sockets' records leave
+        the kernel's closed map (decoded and kept for the next poll; in hooks-only rounds
+        thrown away raw). Its thread CPU counts in the next periodic poll's; an error is
+        kept in ``poller_errors`` as the poller's are."""
+        while not self.stop.wait(self.drain_period):
+            with self.lock:
+                attached, accounting = self.attached.is_set(), self.accounting
+            if not attached:
+                continue
+            cpu = time.thread_time()
+            try:
+                if accounting:
+                    self.tracer.drain()
+                else:
+                    self.discard_closed()
+            except Exception as error:
+                log.exception("drain failed")
+                self.poller_errors.append(f"drain: {type(error).__name__}: {error}")
+            with self._drain_cpu_lock:
+                self._drain_cpu += time.thread_time() - cpu
+
+    def _take_drain_cpu(self) -> float:
+        with self._drain_cpu_lock:
+            taken, self._drain_cpu = self._drain_cpu, 0.0
+        return taken
 
     def _poll_forever(self) -> None:
         """Poll every interval. A poll that raises is logged and kept in ``poller_errors``
@@ -149,7 +192,8 @@ class ProbedAgent:
                 log.exception("poll failed")
                 self.poller_errors.append(f"{type(error).__name__}: {error}")
                 continue
-            self.poller_cpu.append(result["poll_cpu_s"] + result["apply_cpu_s"])
+            drained = self._take_drain_cpu()
+            self.poller_cpu.append(result["poll_cpu_s"] + result["apply_cpu_s"] + drained)
 
     def discard_raw(self) -> None:
         """Hooks-only rounds: empty the ``changed`` and closed maps as a poll does, without
@@ -162,6 +206,13 @@ class ProbedAgent:
             for reader in (tracer._changes, tracer._finished):
                 reader.read(delete=True)
                 reader.release()
+
+    def discard_closed(self) -> None:
+        """Hooks-only rounds' drain: empty the closed map without decoding it."""
+        tracer = self.tracer
+        with self.lock, tracer._lock:
+            tracer._finished.read(delete=True)
+            tracer._finished.release()
 
     def _record(self, poll: KernelPoll) -> None:
         watched, ledger = self.watched, self.ledger
@@ -305,8 +356,9 @@ class ProbedAgent:
     def close(self) -> None:
         self.run_time_stats(False)
         self.stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout=30)
+        for thread in (self.thread, self.drainer):
+            if thread is not None:
+                thread.join(timeout=30)
         self.tracer.close()
 
 
@@ -367,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--closed", type=int, default=65536)
     parser.add_argument("--interval", type=float, default=1.0, help="0: no poller thread")
     parser.add_argument(
+        "--drain", type=float, default=DRAIN_PERIOD, help="seconds; 0: no drainer thread"
+    )
+    parser.add_argument(
         "--nice", type=int, default=Settings().nice, help="as tcpacct run's (agent.priority)"
     )
     args = parser.parse_args(argv)
@@ -381,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     tracer.poll()  # what was in the closed map before us is not ours to count
     accountant = Accountant(load_catalogue([]), LocalEnricher(ProcessNames().name))
     tune_for_polling()  # as the agent does once it is assembled
-    agent = ProbedAgent(tracer, accountant, args.interval)
+    agent = ProbedAgent(tracer, accountant, args.interval, args.drain)
     agent.start_poller()
     yield_cpu(args.nice)  # as the agent does once its threads are started
     _answer({

@@ -48,7 +48,8 @@ alternating order; tcplife rounds rotate), and spreads are given; a ratio's per-
 min-max shows how far one round can be trusted. Timings are never asserted in tests.
 
 **Agent on / off.** On: the kernel side attached (`open_tracer`) in a separate agent process
-that polls every 1 s into the real accountant (built-in metrics, local-mode enricher). Off:
+that polls every 1 s into the real accountant (built-in metrics, local-mode enricher) and
+drains finished sockets' records from the kernel every 0.25 s, as the agent does. Off:
 the same process with every hook detached and polling paused (programs loaded, not
 attached), so switching costs no recompiling. How each figure was taken follows its table.
 """

@@ -85,6 +85,7 @@ log = logging.getLogger(__name__)
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOCK_INFO_SIZE = ctypes.sizeof(SockInfo)  # 104
 COMPILE_CACHE = Path("/var/cache/tcpacct/bpf")
+DRAIN_PERIOD = 0.25  # seconds between drains of the kernel's closed map (start_draining)
 MAPS = (
     "socks",
     "closed",
@@ -622,7 +623,7 @@ class KernelTracer:
             self._closed_peak = max(self._closed_peak, len(samples))
             return len(samples)
 
-    def start_draining(self, period: float = 0.25) -> None:
+    def start_draining(self, period: float = DRAIN_PERIOD) -> None:
         def loop() -> None:
             while not self._stop_draining.wait(period):
                 try:

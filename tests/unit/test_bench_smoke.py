@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from bench.accuracy import compare, exact_fraction, sums
 from bench.figures import Figure, Omitted, Target, figure_from_dict
@@ -284,7 +285,7 @@ def test_the_probes_poller_survives_a_poll_that_raises_and_reports_it() -> None:
         def apply(self, poll: KernelPoll) -> None:
             pass
 
-    agent = ProbedAgent(Tracer(), Accountant(), interval=0.01)  # type: ignore[arg-type]
+    agent = ProbedAgent(Tracer(), Accountant(), interval=0.01, drain_period=0)  # type: ignore[arg-type]
     agent.start_poller()
     try:
         assert polled.wait(10.0)
@@ -294,6 +295,57 @@ def test_the_probes_poller_survives_a_poll_that_raises_and_reports_it() -> None:
         agent.thread.join(5.0)
     assert agent.poller_errors == ["OSError: [Errno 5] injected"]
     assert len(agent.poller_cpu) >= 2
+
+
+def test_the_probe_drains_the_closed_map_as_the_agent_does() -> None:
+    """Between polls the probe's drainer empties the kernel's closed map every drain period,
+    as the agent's (decoded while accounting, raw in hooks-only rounds, not at all while
+    detached), and its thread CPU counts in the next poll's figure."""
+    import threading
+
+    from bench.probe import ProbedAgent
+
+    drained, discarded = threading.Event(), threading.Event()
+
+    class Reader:
+        def read(self, *, delete: bool):
+            discarded.set()
+            return memoryview(b""), memoryview(b"")
+
+        def release(self) -> None:
+            pass
+
+    class Tracer:
+        _lock = threading.Lock()
+        _finished = Reader()
+        drains = 0
+
+        def drain(self) -> int:
+            self.drains += 1
+            sum(range(20_000))  # some CPU for the figure
+            drained.set()
+            return 0
+
+    tracer = Tracer()
+    agent = ProbedAgent(tracer, None, interval=3600.0, drain_period=0.01)  # type: ignore[arg-type]
+    agent.start_poller()
+    try:
+        assert drained.wait(10.0)
+        assert not discarded.is_set()
+        agent.accounting = False
+        assert discarded.wait(10.0)
+        agent.attached.clear()
+        time.sleep(0.05)  # a drain under way ends
+        drains = tracer.drains
+        time.sleep(0.1)
+        assert tracer.drains == drains, "a detached probe drains nothing"
+    finally:
+        agent.stop.set()
+        assert agent.drainer is not None
+        agent.drainer.join(5.0)
+    assert agent._take_drain_cpu() > 0
+    assert agent._take_drain_cpu() == 0
+    assert agent.poller_errors == []
 
 
 def test_k8s_accounting_polls_are_new_connections_whose_ends_mirror_each_other() -> None:
