@@ -20,6 +20,7 @@ tests/privileged):
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
@@ -41,7 +42,12 @@ from agent.model import (
     ValueSource,
 )
 
+log = logging.getLogger(__name__)
+
 MISSING_POLLS_BEFORE_SPILLED = 2
+# Applies in a row a finished socket's naming may raise in before its bytes are counted
+# unattributed (its open and close uncounted): one bad record must not stop accounting.
+NAMING_ATTEMPTS = 3
 TOMBSTONE_POLLS = 16
 OVERFLOW = "~other"
 _OPENED, _CLOSED = SocketFlag.OPENED.value, SocketFlag.CLOSED.value
@@ -230,6 +236,12 @@ class Accountant:
         self._lifecycle_missed = 0  # KernelCounters.lifecycle_events_missed, highest seen
         self._polls = 0
         self._last_sequence = -1  # KernelPoll.sequence of the last poll applied
+        # Finished records whose naming raised, with their peers (already counted, in
+        # _unapplied_counted): the next apply takes them first. Attempts so far, by id.
+        self._unapplied: tuple[SocketSample, ...] = ()
+        self._unapplied_counted: frozenset[int] = frozenset()
+        self._naming_failures: dict[int, int] = {}
+        self._unnamed_sent = self._unnamed_received = 0  # bytes of records given up on
 
     # -- folding -------------------------------------------------------------------------
     def apply(self, poll: KernelPoll) -> None:
@@ -265,22 +277,96 @@ class Accountant:
                 known = tracked.get(sample.socket_id)
                 if known is None or known.last_seen is not sample:
                     peers.put(sample)
-            for sample in poll.finished:
+            # A finished record leaves the kernel once: one whose naming raised comes
+            # again here (with its peer, so that it is named as it would have been).
+            finished, counted_before = poll.finished, self._unapplied_counted
+            if self._unapplied:
+                finished = (*self._unapplied, *finished)
+                self._unapplied, self._unapplied_counted = (), frozenset()
+            for sample in finished:
                 peers.put(sample)
-            for sample in todo:
-                self._advance(sample, peers, final=False)
             finished_ids = set()
-            for sample in self._count_unseen_finished(poll.finished, peers):
-                finished_ids.add(sample.socket_id)
-                self._advance(sample, peers, final=True)
-            for sample in poll.finished:
-                peers.remove(sample)
+            failed: list[tuple[SocketSample, Exception]] = []
+            try:
+                try:
+                    for sample in todo:
+                        self._advance(sample, peers, final=False)
+                except BaseException:  # nothing finished is counted yet: all come again
+                    self._unapplied, self._unapplied_counted = finished, counted_before
+                    raise
+                to_count = finished
+                if counted_before:  # peers carried with a failed one: counted already
+                    to_count = [s for s in finished if s.socket_id not in counted_before]
+                for sample in self._count_unseen_finished(to_count, peers, failed):
+                    finished_ids.add(sample.socket_id)
+                    try:
+                        self._advance(sample, peers, final=True)
+                    except Exception as error:
+                        failed.append((sample, error))
+                if failed:
+                    self._carry(failed, finished, peers)
+                else:
+                    self._naming_failures.clear()
+            finally:
+                for sample in finished:
+                    peers.remove(sample)
             self._notice_vanished(live_ids, finished_ids, vanish_candidates)
             self._add_moved()
             self._fold_kernel_counters(poll)
             self._expire_idle_series()
             self._publish()
             self._last_sequence = poll.sequence
+            if failed:  # counted all it could; the pipeline logs and counts the error
+                sample, error = failed[0]
+                error.add_note(
+                    f"naming {len(failed)} finished socket(s) failed, the first socket "
+                    f"{sample.socket_id}: they are counted when a later poll names them"
+                )
+                raise error
+
+    def _carry(
+        self,
+        failed: list[tuple[SocketSample, Exception]],
+        finished: Iterable[SocketSample],
+        peers: _Peers,
+    ) -> None:
+        """Finished records whose naming raised, for the next apply, with their peers
+        among this apply's finished records (counted already: only peers there); one that
+        failed :data:`NAMING_ATTEMPTS` applies in a row is given up on, its bytes counted
+        unattributed (and exported so)."""
+        finished_ids = {sample.socket_id for sample in finished}
+        attempts: dict[int, int] = {}
+        carried: dict[int, SocketSample] = {}  # by id: a failed socket may be another's peer
+        for sample, _ in failed:
+            sid = sample.socket_id
+            tries = self._naming_failures.get(sid, 0) + 1
+            if tries >= NAMING_ATTEMPTS:
+                self._give_up_naming(sample)
+                continue
+            attempts[sid] = tries
+            carried[sid] = sample
+            peer = peers.peer_of(sample)  # a live one stays in the index by itself
+            if peer is not None and peer.socket_id in finished_ids:
+                carried.setdefault(peer.socket_id, peer)
+        self._naming_failures = attempts
+        self._unapplied = tuple(carried.values())
+        self._unapplied_counted = frozenset(sid for sid in carried if sid not in attempts)
+
+    def _give_up_naming(self, sample: SocketSample) -> None:
+        sid = sample.socket_id
+        tracked = self._tracked.pop(sid, None)
+        self._held.discard(sid)
+        self._missing.pop(sid, None)
+        if tracked is not None and tracked.last_seen is not None:
+            self._peers.remove(tracked.last_seen)
+        self._unnamed_sent += max(0, sample.sent_bytes - (tracked.sent if tracked else 0))
+        self._unnamed_received += max(
+            0, sample.received_bytes - (tracked.received if tracked else 0)
+        )
+        log.warning(
+            "socket %d could not be named in %d polls: its %d bytes sent and %d received are "
+            "counted unattributed", sid, NAMING_ATTEMPTS, sample.sent_bytes, sample.received_bytes,
+        )  # fmt: skip
 
     def _advance(self, sample: SocketSample, peers: _Peers, *, final: bool) -> None:
         sid = sample.socket_id
@@ -359,7 +445,10 @@ class Accountant:
         return rest
 
     def _count_unseen_finished(
-        self, finished: Iterable[SocketSample], peers: _Peers
+        self,
+        finished: Iterable[SocketSample],
+        peers: _Peers,
+        failed: list[tuple[SocketSample, Exception]],
     ) -> list[SocketSample]:
         """Count the finished sockets this accountant never saw live - opened and closed
         between two polls, as every connection of a churn - that have a naming key, and
@@ -379,13 +468,17 @@ class Accountant:
             if sid in tracked or sid in tombstones:
                 rest.append(sample)
                 continue
-            key = naming_key(sample, peers)
-            if key is None:  # named the usual way, by its attributes
-                rest.append(sample)
+            try:
+                key = naming_key(sample, peers)
+                if key is None:  # named the usual way, by its attributes
+                    rest.append(sample)
+                    continue
+                series = named.get(key)
+                if series is None:
+                    series = self._name_key(key, sample, peers)
+            except Exception as error:  # counted when a later apply names it
+                failed.append((sample, error))
                 continue
-            series = named.get(key)
-            if series is None:
-                series = self._name_key(key, sample, peers)
             flags = int(sample.flags)
             opened = 1 if flags & _OPENED else 0
             closed = 1 if flags & _CLOSED and flags & _ESTABLISHED else 0
@@ -625,6 +718,8 @@ class Accountant:
         counted_received = u.spilled_baseline_received + u.missing_received
         sent = c.untracked_sent_bytes + max(0, c.spilled_sent_bytes - counted_sent)
         received = c.untracked_received_bytes + max(0, c.spilled_received_bytes - counted_received)
+        sent += self._unnamed_sent  # finished sockets no naming could name (_give_up_naming)
+        received += self._unnamed_received
         u.exported_sent = max(u.exported_sent, sent)
         u.exported_received = max(u.exported_received, received)
         self._kernel_untracked = (

@@ -160,7 +160,8 @@ class Agent:
             SelfMetric(
                 "tcpacct_unattributed_bytes_total",
                 "Bytes counted in the kernel that could not be attributed to a connection "
-                "(socket map full, or closed map full); direction is the local application's",
+                "(socket map full, closed map full, or a finished socket no naming could "
+                "name); direction is the local application's",
                 "counter",
                 [
                     ({"direction": "sent"}, acc.unattributed_sent_bytes),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from agent.accounting import Accountant
+from agent.accounting import NAMING_ATTEMPTS, Accountant
 from agent.metrics.catalogue import load_catalogue
 from agent.model import (
     ConnectionAttributes,
@@ -1043,6 +1044,139 @@ def test_naming_by_key_counts_what_naming_every_socket_counts(connections) -> No
         [(f.name, f.label_names, dict(f.samples)) for f in a.families()] for a in accountants
     ]
     assert snapshots[0] == snapshots[1]
+
+
+class FailingCalls(CountingEnricher):
+    """CountingEnricher whose naming calls (``naming_key`` and ``attributes`` together,
+    numbered from 0) in ``fail_at`` raise, as a failing conntrack or cache lookup would."""
+
+    def __init__(self, fail_at: set[int], *, keys: bool = True) -> None:
+        super().__init__(keys=keys)
+        self.fail_at, self.numbered = fail_at, 0
+
+    def _maybe_fail(self) -> None:
+        number, self.numbered = self.numbered, self.numbered + 1
+        if number in self.fail_at:
+            raise OSError(f"lookup {number} failed")
+
+    def _naming_key(self, sample: SocketSample, peers: PeerIndex) -> Hashable | None:
+        self._maybe_fail()
+        return super()._naming_key(sample, peers)
+
+    def attributes(
+        self, sample: SocketSample, peers: PeerIndex, *, final: bool
+    ) -> ConnectionAttributes | None:
+        self._maybe_fail()
+        return super().attributes(sample, peers, final=final)
+
+
+@pytest.mark.parametrize("keys", [True, False])
+def test_finished_records_of_an_apply_whose_naming_raised_are_counted_by_the_next(keys) -> None:
+    """A finished record leaves the kernel once. When naming one of a poll's finished
+    sockets raises (the first here, by its key or its attributes), the others are counted
+    at once and that one by the next apply - once each."""
+    enricher = FailingCalls({0}, keys=keys)
+    accountant = Accountant(load_catalogue([]), enricher)
+    pairs = [loopback_pair(n, sent=n + 1, received=10) for n in range(3)]
+    with pytest.raises(OSError, match="lookup 0 failed"):
+        accountant.apply(poll(finished=[s for pair in pairs for s in pair]))
+    received = labelled(accountant, "istio_tcp_received_bytes_total")
+    assert sorted(value for _, value in received) == [5, 6]  # curl's first socket waits
+    accountant.apply(poll())
+    accountant.apply(poll())
+    received = labelled(accountant, "istio_tcp_received_bytes_total")
+    assert sorted(value for _, value in received) == [6, 6]  # 1 + 2 + 3, each reporter
+    for metric in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"):
+        assert sorted(value for _, value in labelled(accountant, metric)) == [3, 3]
+    assert accountant.stats().tracked_sockets == 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 4),  # connection number
+            st.integers(0, 1000),
+            st.integers(0, 1000),
+            st.booleans(),  # live first, finished in a later poll
+            st.sampled_from((FINAL, CLOSED | DESTROYED, PREEXISTING | CLOSED | DESTROYED)),
+        ),
+        max_size=15,
+    ),
+    # the naming calls that raise: fewer than NAMING_ATTEMPTS, so that none is given up on
+    st.sets(st.integers(0, 40), max_size=NAMING_ATTEMPTS - 1),
+    st.booleans(),  # naming keys
+)
+def test_naming_that_raises_loses_and_doubles_nothing(connections, fail_at, keys) -> None:
+    """Whatever naming calls raise (each socket's fewer times than it takes to give up on
+    it), an accountant whose applies raised ends, a few polls later, with the families of
+    one whose naming never failed, and nothing unattributed."""
+    accountants = [
+        Accountant(load_catalogue([]), FailingCalls(fail_at, keys=keys)),
+        Accountant(load_catalogue([]), FailingCalls(set(), keys=keys)),
+    ]
+    polls = []
+    next_id = 0
+    for number, sent, received, live_first, ended in connections:
+        renumbered = []
+        for view in loopback_pair(number, sent=sent, received=received):
+            next_id += 1
+            renumbered.append(dataclasses.replace(view, socket_id=next_id, flags=ended))
+        if live_first:  # live, it has the flags it ends with but CLOSED and DESTROYED
+            flags = SocketFlag(ended & ~(CLOSED | DESTROYED))
+            polls.append(poll(live=[dataclasses.replace(s, flags=flags) for s in renumbered]))
+        polls.append(poll(finished=renumbered))
+    polls += [poll() for _ in range(8)]
+    for accountant in accountants:
+        for one in polls:
+            with contextlib.suppress(OSError):  # the pipeline logs it and polls again
+                accountant.apply(one)
+    snapshots = [
+        [(f.name, f.label_names, dict(f.samples)) for f in a.families()] for a in accountants
+    ]
+    assert snapshots[0] == snapshots[1]
+    assert [unattributed(a) for a in accountants] == [(0, 0), (0, 0)]
+
+
+def test_a_live_peer_of_a_finished_socket_whose_naming_raised_stays_in_the_peer_index() -> None:
+    """Only finished records are carried to the next apply with a failed one: its live
+    peer stays in the index, where the next polls find it."""
+    client, server = loopback_pair(0, sent=5, received=7)
+    live_server = dataclasses.replace(server, flags=OPENED)
+    accountant = Accountant(load_catalogue([]), FailingCalls({2}))
+    accountant.apply(poll(live=[live_server]))  # held: its local peer is not seen yet
+    with pytest.raises(OSError, match="lookup 2 failed"):  # the server named, then not curl
+        accountant.apply(poll(live=[live_server], finished=[client]))
+    assert accountant._peers.peer_of(client) is live_server
+    accountant.apply(poll(live=[live_server]))
+    assert accountant._peers.peer_of(client) is live_server
+    received = labelled(accountant, "istio_tcp_received_bytes_total")
+    assert sorted(value for _, value in received) == [5, 5]  # client -> server, each end
+
+
+def test_a_finished_socket_no_naming_can_name_is_given_up_on_and_its_bytes_unattributed() -> None:
+    """One record whose naming always raises must not stop accounting: the other sockets
+    of its poll are counted at once, and after NAMING_ATTEMPTS applies that raised its bytes
+    are counted unattributed (its open and close are not counted) and applies succeed."""
+
+    class NeverNamesSocket1(CountingEnricher):
+        def attributes(self, sample, peers, *, final):
+            if sample.socket_id == 1:
+                raise OSError("lookup failed")
+            return super().attributes(sample, peers, final=final)
+
+    accountant = Accountant(load_catalogue([]), NeverNamesSocket1(keys=False))
+    client, server = loopback_pair(0, sent=5, received=7)
+    other = loopback_pair(1, sent=100, received=1)
+    for attempt in range(NAMING_ATTEMPTS):
+        with pytest.raises(OSError, match="lookup failed"):
+            accountant.apply(poll(finished=[client, server, *other] if attempt == 0 else []))
+    accountant.apply(poll())
+    received = labelled(accountant, "istio_tcp_received_bytes_total")
+    by_reporter = {labels["reporter"]: value for labels, value in received}
+    assert by_reporter == {"source": 105, "destination": 100}  # socket 1 is nginx's
+    assert unattributed(accountant) == (7, 5)  # what socket 1 wrote and read
+    assert accountant.stats().tracked_sockets == 0
 
 
 def test_a_reloaded_catalogue_that_reads_ports_stops_naming_by_key(tmp_path) -> None:
