@@ -496,8 +496,8 @@ def test_a_poll_that_failed_half_way_makes_the_next_one_compare_the_whole_live_s
 
 
 def test_a_finished_socket_whose_naming_failed_is_still_counted() -> None:
-    """Its final record came in the poll that failed: it is found absent by the next
-    (whole) comparison and counted from its last sample once declared gone."""
+    """Its final record came in the poll whose naming of it failed: the next apply names
+    and counts it (a finished record leaves the kernel once)."""
 
     accountant = fake_accountant(FailingOnce(fail_on=2))
     one = sample(1, sent=10)
