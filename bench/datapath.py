@@ -2,8 +2,8 @@
 
 One agent probe is started for the whole run and toggled: *on* is every hook attached with
 the poller polling every second and the drainer emptying the closed map every 0.25 s, as
-the agent's; *off* is every hook detached (programs loaded but not
-attached, poller paused), so a round costs no recompiling. Rounds come in pairs whose order
+the agent's; *off* is every hook detached (programs loaded but not attached, poller
+paused), so a round costs no recompiling. Rounds come in pairs whose order
 alternates (on-off, off-on, ...) to cancel drift; a figure's ratio and added cost are taken
 per pair, then summarised (median, min to max).
 """

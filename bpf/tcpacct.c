@@ -65,7 +65,7 @@
 #define C_SPILLED_RECEIVED 4
 #define C_SPILLED_SOCKETS 5
 #define C_CHANGES_LOST 6   // `changed` was full: user space reads the whole socket map
-#define C_LIFECYCLE_NESTED 7 // lifecycle events a nested twin handled (on_set_state_nested)
+#define C_LIFECYCLE_NESTED 7 // lifecycle events a nested twin handled (run_nested)
 #define C_COUNT 8
 
 #define DIR_SENT 0
