@@ -241,6 +241,7 @@ class Accountant:
         self._unapplied: tuple[SocketSample, ...] = ()
         self._unapplied_counted: frozenset[int] = frozenset()
         self._naming_failures: dict[int, int] = {}
+        self._vanished_naming_failures: dict[int, int] = {}  # spilled sockets' namings, by id
         self._unnamed_sent = self._unnamed_received = 0  # bytes of records given up on
 
     # -- folding -------------------------------------------------------------------------
@@ -310,7 +311,7 @@ class Accountant:
             finally:
                 for sample in finished:
                     peers.remove(sample)
-            self._notice_vanished(live_ids, finished_ids, vanish_candidates)
+            self._notice_vanished(live_ids, finished_ids, vanish_candidates, failed)
             self._add_moved()
             self._fold_kernel_counters(poll)
             self._expire_idle_series()
@@ -319,8 +320,8 @@ class Accountant:
             if failed:  # counted all it could; the pipeline logs and counts the error
                 sample, error = failed[0]
                 error.add_note(
-                    f"naming {len(failed)} finished socket(s) failed, the first socket "
-                    f"{sample.socket_id}: they are counted when a later poll names them"
+                    f"naming {len(failed)} finished or spilled socket(s) failed, the first "
+                    f"socket {sample.socket_id}: they are counted when a later poll names them"
                 )
                 raise error
 
@@ -645,11 +646,17 @@ class Accountant:
         live_ids: AbstractSet[int],
         finished_ids: set[int],
         candidates: AbstractSet[int] | None = None,
+        failed: list[tuple[SocketSample, Exception]] | None = None,
     ) -> None:
         """Sockets gone from both maps: the kernel spilled their close (closed map full).
 
         ``candidates``: the only tracked sockets that can be absent (what the reader said
-        left live, and those already missing); None: any tracked socket."""
+        left live, and those already missing); None: any tracked socket. A held-back
+        socket is named when it is declared spilled; a naming that raises is appended to
+        ``failed`` and the socket stays missing, to be named by the next poll (after
+        :data:`NAMING_ATTEMPTS` its bytes stay unattributed, as the kernel counted them)."""
+        if failed is None:
+            failed = []
         unattributed = self._unattributed
         unattributed.missing_sent = unattributed.missing_received = 0
         if candidates is None:
@@ -672,19 +679,34 @@ class Accountant:
                 unattributed.missing_sent += last.sent_bytes if last else tracked.sent
                 unattributed.missing_received += last.received_bytes if last else tracked.received
                 continue
+            last = tracked.last_seen
+            attributes = None
+            if tracked.series is None and last is not None:
+                # held back when it vanished: name it now from what was last seen of it
+                try:
+                    attributes = self._enricher.attributes(last, _Peers(), final=True)
+                except Exception as error:
+                    failed.append((last, error))
+                    tries = self._vanished_naming_failures.get(sid, 0) + 1
+                    if tries < NAMING_ATTEMPTS:  # stays missing: named again next poll
+                        self._vanished_naming_failures[sid] = tries
+                        unattributed.missing_sent += last.sent_bytes
+                        unattributed.missing_received += last.received_bytes
+                        continue
+                    log.warning(
+                        "socket %d (its close spilled) could not be named in %d polls: its "
+                        "bytes stay counted unattributed", sid, NAMING_ATTEMPTS,
+                    )  # fmt: skip
+            self._vanished_naming_failures.pop(sid, None)
             del self._tracked[sid]
             del self._missing[sid]
             self._held.discard(sid)
-            last = tracked.last_seen
             if last is not None:
                 self._peers.remove(last)
-            if tracked.series is None and last is not None:
-                # held back when it vanished: name it now from what was last seen of it
-                attributes = self._enricher.attributes(last, _Peers(), final=True)
-                if attributes is not None:
-                    tracked.attributes = attributes
-                    tracked.series = self._admit(self._series_for(attributes))
-                    self._count(tracked, last)
+            if attributes is not None:
+                tracked.attributes = attributes
+                tracked.series = self._admit(self._series_for(attributes))
+                self._count(tracked, last)
             unattributed.spilled_baseline_sent += tracked.sent
             unattributed.spilled_baseline_received += tracked.received
             unattributed.tombstones[sid] = (tracked, self._polls)
@@ -701,6 +723,12 @@ class Accountant:
         ]
         for sid in expired:
             del unattributed.tombstones[sid]
+        if self._vanished_naming_failures:  # revived meanwhile: nothing to retry
+            missing = self._missing
+            self._vanished_naming_failures = {
+                sid: tries for sid, tries in self._vanished_naming_failures.items()
+                if sid in missing
+            }  # fmt: skip
 
     def _revive(self, sid: int) -> _Tracked | None:
         """A socket declared spilled shows up after all: undo the declaration."""

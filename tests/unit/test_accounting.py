@@ -633,6 +633,58 @@ def test_held_back_socket_that_spills_is_still_a_connection() -> None:
     assert unattributed(accountant) == (50, 0)
 
 
+@dataclass
+class FailingFinalNaming(FakeEnricher):
+    """FakeEnricher whose first ``failures`` final namings of socket 1 raise."""
+
+    failures: int = 1
+
+    def attributes(self, sample: SocketSample, peers: PeerIndex, *, final: bool):
+        if final and sample.socket_id == 1 and self.failures:
+            self.failures -= 1
+            raise OSError("lookup failed")
+        return super().attributes(sample, peers, final=final)
+
+
+def test_a_vanished_socket_whose_naming_raised_is_named_by_the_next_poll() -> None:
+    """A held-back socket whose close spilled is named when it is declared spilled; when
+    that raises, the other socket declared spilled in the same poll is still done, and the
+    next poll names and counts the first one as if nothing had failed."""
+    accountant = fake_accountant(FailingFinalNaming(pending={1}), max_wait_polls=10)
+    accountant.apply(poll(live=[sample(1, sent=100), sample(2, sent=30)]))
+    accountant.apply(poll(counters=spilled(190, 0)))  # both absent once (finals 150 and 40)
+    with pytest.raises(OSError, match="lookup failed") as raised:
+        accountant.apply(poll(counters=spilled(190, 0)))  # declared spilled
+    assert "a later poll" in " ".join(raised.value.__notes__)
+    assert fake_totals(accountant)["closed"] == {CLIENT_SERIES: 1}  # socket 2's
+    assert unattributed(accountant) == (60, 0)  # 50 of socket 1's, 10 of socket 2's
+    assert accountant.stats().tracked_sockets == 1
+    accountant.apply(poll(counters=spilled(190, 0)))
+    assert fake_totals(accountant) == {
+        "received": {CLIENT_SERIES: 130},
+        "sent": {CLIENT_SERIES: 0},
+        "opened": {CLIENT_SERIES: 2},
+        "closed": {CLIENT_SERIES: 2},
+    }
+    assert unattributed(accountant) == (60, 0)
+    assert accountant.stats().tracked_sockets == 0
+
+
+def test_a_vanished_socket_no_naming_can_name_leaves_its_bytes_unattributed() -> None:
+    accountant = fake_accountant(
+        FailingFinalNaming(pending={1}, failures=NAMING_ATTEMPTS), max_wait_polls=10
+    )
+    accountant.apply(poll(live=[sample(1, sent=100, received=4)]))
+    accountant.apply(poll(counters=spilled(150, 5)))
+    for _ in range(NAMING_ATTEMPTS):
+        with pytest.raises(OSError, match="lookup failed"):
+            accountant.apply(poll(counters=spilled(150, 5)))
+    accountant.apply(poll(counters=spilled(150, 5)))  # given up on: no error
+    assert fake_totals(accountant)["opened"] == {}
+    assert unattributed(accountant) == (150, 5)  # its every byte, none lost
+    assert accountant.stats().tracked_sockets == 0
+
+
 # -- cardinality budget and expiry ----------------------------------------------------------------
 
 OTHER = ("~other", "~other", "~other")
