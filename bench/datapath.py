@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,12 @@ from typing import Any
 from agent.ebpf.backends import LIFECYCLE_TRACEPOINTS
 from bench.accuracy import compare, exact_fraction
 from bench.design import BASELINE, LoadedCandidate
+from bench.empty_hooks import (
+    DATA_TRACEPOINTS,
+    MINIMAL_ATTACHMENTS,
+    EmptyHooks,
+    tcpacct_attachments,
+)
 from bench.figures import Figure, Target
 from bench.iperf import run_iperf3
 from bench.probing import AgentProbe
@@ -61,6 +68,9 @@ class DatapathPlan:
     peer_rounds: int = 5
     peer_churn_connections: int = 600
     program_time_rounds: int = 5  # send/recv and churn rounds with the kernel's statistics on
+    # the churn floor's rounds per hook set: its ratios sit a percent or two under 1, which
+    # the noise of 8 rounds would hide
+    floor_rounds: int = 16
 
 
 @dataclass
@@ -297,6 +307,16 @@ def rotating(modes: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
             yield number, mode
 
 
+def shuffled(modes: Sequence[str], rounds: int, seed: int = 0) -> Iterator[tuple[int, str]]:
+    """(round, mode) for ``rounds`` rounds of every mode, each round in an order of its own
+    drawn with ``random.Random(seed)``: unlike :func:`rotating`, a mode does not always
+    follow the same one (a round just after hooks were detached may run slower), which a
+    figure of ratios a percent under 1 cannot afford."""
+    draw = random.Random(seed)
+    for number in range(rounds):
+        yield from ((number, mode) for mode in draw.sample(list(modes), len(modes)))
+
+
 def _empty_program() -> LoadedCandidate:
     """The empty raw-tracepoint program on sock_send_length/sock_recv_length (not attached):
     bench.design's baseline candidate."""
@@ -379,6 +399,60 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
             "agent_per_s": summarise(values["agent"]).as_dict(),
             "agent_ratio": paired_ratio(values["agent"], values["off"]).as_dict(),
             "agent_over_hooks": paired_ratio(values["agent"], values["hooks"]).as_dict(),
+            "backend": backend,
+        },
+    )
+
+
+def measure_churn_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
+    """The churn with an empty program on tcpacct's attachments instead of its programs:
+    what firing those tracepoints into BPF costs a connection before any program does any
+    work, i.e. the best any program on the same hooks could keep. Two smaller hook sets in
+    the same rotating rounds bound other designs: the data tracepoints and
+    tcp_destroy_sock (the fewest a per-socket count of application bytes needs), and the
+    data tracepoints alone."""
+    hook_sets = {
+        "tcpacct": tcpacct_attachments(),
+        "minimal": MINIMAL_ATTACHMENTS,
+        "data": DATA_TRACEPOINTS,
+    }
+    empty = EmptyHooks()
+    modes = ("off", "off_again", *hook_sets)
+    values: dict[str, list[float]] = {mode: [] for mode in modes}
+    try:
+        _off(probe)
+        for _, mode in shuffled(tuple(values), plan.floor_rounds):
+            hooks = hook_sets.get(mode, ())
+            with empty.attached(hooks):
+                values[mode].append(
+                    churn(plan.churn_connections, MESSAGE, CLIENT_CPU, SERVER_CPU).rate
+                )
+    finally:
+        empty.close()
+        _on(probe)
+    attachments = ", ".join(hook_sets["tcpacct"])
+    return Figure(
+        key=f"datapath.churn_per_s.empty_programs.{backend}",
+        title="connect/send/close churn, connections/s, with empty programs on tcpacct's hooks "
+        "(the floor)",
+        unit="1/s",
+        method=f"the churn figure's workload ({plan.churn_connections} connections, same CPUs, "
+        f"tcpacct detached) in {plan.floor_rounds} rounds of each mode, each round in a "
+        "random order of its own (seeded: a mode does not always follow the same one): "
+        "nothing attached (off); a two-instruction raw-tracepoint program (r0 = 0; exit) "
+        f"attached where tcpacct's tracepoint backend attaches its programs ({attachments}: "
+        "on); the same program on tcp_destroy_sock, sock_send_length and sock_recv_length "
+        "(details.minimal_ratio) and on the two data tracepoints alone (details.data_ratio); "
+        "nothing attached again (details.off_again_ratio: the method's own reading of no "
+        "difference). Ratios per round against the same round's off.",
+        on=summarise(values["tcpacct"]),
+        off=summarise(values["off"]),
+        ratio=paired_ratio(values["tcpacct"], values["off"]),
+        details={
+            "minimal_ratio": paired_ratio(values["minimal"], values["off"]).as_dict(),
+            "data_ratio": paired_ratio(values["data"], values["off"]).as_dict(),
+            "off_again_ratio": paired_ratio(values["off_again"], values["off"]).as_dict(),
+            "hook_sets": {name: list(hooks) for name, hooks in hook_sets.items()},
             "backend": backend,
         },
     )
@@ -553,6 +627,16 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
             "hooks_only_ratio": split.ratio.median,
             "agent_over_hooks": split.details["agent_over_hooks"]["median"],
         })  # fmt: skip
+    if backend == "tracepoint":
+        floor = measure_churn_floor(probe, plan, backend)
+        figures.append(floor)
+        if floor.ratio:
+            _add_details(figures, f"datapath.churn_per_s.{backend}", {
+                "empty_programs_ratio": floor.ratio.median,
+                "empty_minimal_ratio": floor.details["minimal_ratio"]["median"],
+                "empty_data_ratio": floor.details["data_ratio"]["median"],
+                "off_again_ratio": floor.details["off_again_ratio"]["median"],
+            })  # fmt: skip
     program_time = measure_program_time(probe, plan, backend)
     figures.extend(program_time)
     per_call, kernel = program_time

@@ -132,6 +132,14 @@ def why(figure: Figure) -> str:
             f"decoded) keep {d['hooks_only_ratio']:.3f} of agent-off, and the whole agent "
             f"{d['agent_over_hooks']:.3f} of hooks-only"
         )
+        if "empty_programs_ratio" in d:
+            split += (
+                f"; an empty program where tcpacct's are keeps {d['empty_programs_ratio']:.3f} "
+                f"(the floor of these hooks), on the data tracepoints and tcp_destroy_sock "
+                f"{d['empty_minimal_ratio']:.3f}, on the data tracepoints alone "
+                f"{d['empty_data_ratio']:.3f}, and nothing attached again "
+                f"{d.get('off_again_ratio', 1.0):.3f} (rounds of their own)"
+            )
         kernel = _churn_kernel_budget(figure)
         if kernel:
             return f"{kernel}; {split}"

@@ -179,6 +179,17 @@ def test_rotating_rounds_start_with_each_mode_in_turn() -> None:
     ]  # fmt: skip
 
 
+def test_shuffled_rounds_hold_every_mode_once_in_orders_of_their_own() -> None:
+    from bench.datapath import shuffled
+
+    rounds = list(shuffled(("off", "a", "b", "c"), 12))
+    assert rounds == list(shuffled(("off", "a", "b", "c"), 12))  # seeded
+    orders = [tuple(mode for number, mode in rounds if number == n) for n in range(12)]
+    assert all(sorted(order) == ["a", "b", "c", "off"] for order in orders)
+    before_off = {order[order.index("off") - 1] for order in orders if order[0] != "off"}
+    assert len(before_off) > 1  # "off" does not always follow the same mode
+
+
 def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
     from bench.reporting import why
 
@@ -207,6 +218,16 @@ def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
     assert "keep at most ~0.917" in text  # 100 / 109
     assert "0.99 leaves 1.0 us per connection" in text
     assert "hooks alone (maps emptied, nothing decoded) keep 0.910" in text
+    assert "where tcpacct's are keeps" not in text  # no floor measured: none is told
+    floored = Figure(**{**{f: getattr(churn, f) for f in churn.__slots__}, "details": {
+        **churn.details, "empty_programs_ratio": 0.967, "empty_minimal_ratio": 0.981,
+        "empty_data_ratio": 0.988, "off_again_ratio": 1.004,
+    }})  # fmt: skip
+    assert (
+        "an empty program where tcpacct's are keeps 0.967 (the floor of these hooks), on the "
+        "data tracepoints and tcp_destroy_sock 0.981, on the data tracepoints alone 0.988, "
+        "and nothing attached again 1.004"
+    ) in why(floored)
     without = Figure(**{**{f: getattr(churn, f) for f in churn.__slots__}, "details": {
         "hooks_only_ratio": 0.91, "agent_over_hooks": 0.95,
     }})  # fmt: skip
