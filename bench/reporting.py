@@ -142,7 +142,7 @@ def why(figure: Figure) -> str:
             )
         kernel = _churn_kernel_budget(figure)
         if kernel:
-            return f"{kernel}; {split}"
+            return f"{kernel}; {split}{_beyond_the_count(figure)}"
         return (
             f"{split}: the kernel side and the agent's user space (decoding, naming and "
             "accounting every finished socket) both cost here"
@@ -181,6 +181,31 @@ def why(figure: Figure) -> str:
     return ""
 
 
+def _churn_kernel_us(figure: Figure) -> float | None:
+    """The kernel's count of tcpacct's programs per churned connection plus their dispatch
+    (runs x the empty program's added ns, 0 when that came out negative), in us."""
+    d = figure.details
+    needed = ("bpf_us_per_connection", "program_runs_per_connection", "dispatch_ns_per_run")
+    if not all(k in d for k in needed):
+        return None
+    dispatch_ns = max(0.0, d["dispatch_ns_per_run"])
+    return d["bpf_us_per_connection"] + d["program_runs_per_connection"] * dispatch_ns / 1000
+
+
+def _beyond_the_count(figure: Figure) -> str:
+    """What the hooks-only rounds lost per connection against what the kernel counts:
+    ``"; the hooks-only rounds lost 9.9 us a connection, 3.3x that count"``."""
+    kernel_us = _churn_kernel_us(figure)
+    hooks = figure.details.get("hooks_only_ratio")
+    if not kernel_us or not hooks or figure.off is None or not figure.off.median:
+        return ""
+    lost_us = 1e6 / figure.off.median * (1 / hooks - 1)
+    return (
+        f"; the hooks-only rounds lost {lost_us:.1f} us a connection, "
+        f"{lost_us / kernel_us:.1f}x the programs' counted run time and dispatch"
+    )
+
+
 def _churn_kernel_budget(figure: Figure) -> str:
     """The churn's kernel side from the kernel's own counters: what a connection costs in
     tcpacct's programs and their dispatch, against what the target ratio of agent-off
@@ -209,7 +234,7 @@ def _churn_kernel_budget(figure: Figure) -> str:
         f"lifecycle twins included): {d['bpf_us_per_connection']:.1f} us inside them (the "
         f"kernel's count) + ~{dispatch_us:.1f} us of dispatch ({dispatch}) "
         f"= {kernel_us:.1f} us on a connection's "
-        f"{off_us:.0f} us agent-off, so the hooks alone keep at most ~{at_most:.3f}; "
+        f"{off_us:.0f} us agent-off, which alone would leave ~{at_most:.3f}; "
         f"{target.bound} leaves {budget_us:.1f} us per connection for kernel and agent together"
     )
 

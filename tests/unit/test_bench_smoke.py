@@ -215,9 +215,14 @@ def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
     assert "6.0 us inside them" in text
     assert "~3.0 us of dispatch (100 ns per run" in text
     assert "= 9.0 us on a connection's 100 us agent-off" in text
-    assert "keep at most ~0.917" in text  # 100 / 109
+    assert "which alone would leave ~0.917" in text  # 100 / 109
     assert "0.99 leaves 1.0 us per connection" in text
     assert "hooks alone (maps emptied, nothing decoded) keep 0.910" in text
+    # 100 us / 0.91 - 100 us = 9.9 us, against the 9.0 us counted
+    assert text.endswith(
+        "; the hooks-only rounds lost 9.9 us a connection, 1.1x the programs' counted run "
+        "time and dispatch"
+    )
     assert "where tcpacct's are keeps" not in text  # no floor measured: none is told
     floored = Figure(**{**{f: getattr(churn, f) for f in churn.__slots__}, "details": {
         **churn.details, "empty_programs_ratio": 0.967, "empty_minimal_ratio": 0.981,
@@ -238,7 +243,8 @@ def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
     text = why(noisy)
     assert "~0.0 us of dispatch (the empty program's -338 ns per run is noise" in text
     assert "= 6.0 us on a connection's 100 us agent-off" in text
-    assert "keep at most ~0.943" in text  # 100 / 106
+    assert "which alone would leave ~0.943" in text  # 100 / 106
+    assert "lost 9.9 us a connection, 1.6x" in text  # against 6.0 us: no dispatch taken
 
 
 def test_a_reports_service_totals_are_counted_from_the_rounds_mark() -> None:
