@@ -645,8 +645,8 @@ class Accountant:
         self,
         live_ids: AbstractSet[int],
         finished_ids: set[int],
-        candidates: AbstractSet[int] | None = None,
-        failed: list[tuple[SocketSample, Exception]] | None = None,
+        candidates: AbstractSet[int] | None,
+        failed: list[tuple[SocketSample, Exception]],
     ) -> None:
         """Sockets gone from both maps: the kernel spilled their close (closed map full).
 
@@ -655,8 +655,6 @@ class Accountant:
         socket is named when it is declared spilled; a naming that raises is appended to
         ``failed`` and the socket stays missing, to be named by the next poll (after
         :data:`NAMING_ATTEMPTS` its bytes stay unattributed, as the kernel counted them)."""
-        if failed is None:
-            failed = []
         unattributed = self._unattributed
         unattributed.missing_sent = unattributed.missing_received = 0
         if candidates is None:
