@@ -203,15 +203,16 @@ class ProbedAgent:
         tracer = self.tracer
         with self.lock, tracer._lock:
             tracer._next_round()
-            for reader in (tracer._changes, tracer._finished):
-                reader.read(delete=True)
-                reader.release()
+            tracer._changes.read(delete=True)
+            tracer._changes.release()
+            tracer._finished.take()
+            tracer._finished.release()
 
     def discard_closed(self) -> None:
         """Hooks-only rounds' drain: empty the closed map without decoding it."""
         tracer = self.tracer
         with self.lock, tracer._lock:
-            tracer._finished.read(delete=True)
+            tracer._finished.take()
             tracer._finished.release()
 
     def _record(self, poll: KernelPoll) -> None:

@@ -20,9 +20,11 @@
 //
 // Invariant: no byte counted here is lost or counted twice. A socket's entry lives in
 // `socks` (keyed by its struct sock address) from first sight until tcp_destroy_sock, when
-// it is removed and its final counts move to `closed` (keyed by its unique id) for user
-// space to drain. If `closed` is full, the final counts go to the SPILLED counters; if
-// `socks` is full, bytes go to the UNTRACKED counters. Nothing is dropped silently.
+// it is removed and its final counts move to the closed records for user space to drain:
+// the `closed_ring` array where there are slots (below), the `closed` hash map (keyed by
+// the socket's unique id) where there are not. If they are full, the final counts go to
+// the SPILLED counters; if `socks` is full, bytes go to the UNTRACKED counters. Nothing is
+// dropped silently.
 //
 // The hot path (every send and receive) does not look `socks` up: a tracked socket also
 // gets a slot in the `slots` array, found from its address by open addressing (at most
@@ -113,7 +115,9 @@ struct process_info {
 };
 
 BPF_HASH(socks, u64, struct sock_info, MAX_SOCKETS);
+#ifndef SLOTS
 BPF_HASH(closed, u64, struct sock_info, MAX_CLOSED);
+#endif
 BPF_HASH(listeners, struct listener_key, struct process_info, MAX_LISTENERS);
 BPF_PERCPU_ARRAY(counters, u64, C_COUNT);
 BPF_ARRAY(next_id, u64, 1);
@@ -132,6 +136,26 @@ BPF_HASH(changed, u64, u8, MAX_SOCKETS);
 #define SLOT_PROBES 8
 #endif
 BPF_F_TABLE("array", u32, struct slot, slots, SLOTS, TCPACCT_F_MMAPABLE);
+
+// Closed records where compare-and-swap exists: a ring of MAX_CLOSED records in an array.
+// A hash-map insert per finished socket (and user space's delete of it) cost the churn
+// about 2 points of its rate here; a record written by index costs a copy. Record number
+// n (counting from 0) lives at index n % MAX_CLOSED. The kernel owns the head (records
+// reserved), user space the tail (records read): a writer reserves number `head` with
+// compare-and-swap while fewer than MAX_CLOSED records are unread, copies the record in,
+// then commits it by setting its `number` to n + 1. User space reads from the tail up to
+// the first record not committed yet (agent/ebpf/tracing.py _ClosedRing), and a record's
+// index is not written again before the tail has passed it.
+struct closed_record {
+    struct sock_info info;
+    u64 number;        // n + 1 once record n is whole here; before that, an older one's
+};
+
+#define CLOSED_HEAD 0
+#define CLOSED_TAIL 1
+#define CLOSED_ATTEMPTS 8 // reservations lost to other CPUs (or a nested twin) before a spill
+BPF_ARRAY(closed_ring, struct closed_record, MAX_CLOSED);
+BPF_ARRAY(closed_ends, u64, 2);
 #endif
 
 static __always_inline void count(u32 index, u64 value)
@@ -243,12 +267,44 @@ static __always_inline void free_slot(struct slot *slot)
     __sync_lock_test_and_set(&slot->received, 0);
     __sync_lock_test_and_set(&slot->sk, 0);
 }
+
+// Append a finished socket's final record to `closed_ring`: 0, or -1 when the ring is full
+// (or lost every reservation race), and the caller spills.
+static __always_inline int record_closed(struct sock_info *final)
+{
+    int head_index = CLOSED_HEAD, tail_index = CLOSED_TAIL;
+    u64 *head = closed_ends.lookup(&head_index);
+    u64 *tail = closed_ends.lookup(&tail_index);
+    if (!head || !tail)
+        return -1;
+#pragma unroll
+    for (int attempt = 0; attempt < CLOSED_ATTEMPTS; attempt++) {
+        u64 number = *(volatile u64 *)head;
+        if (number - *(volatile u64 *)tail >= MAX_CLOSED)
+            return -1;
+        if (__sync_val_compare_and_swap(head, number, number + 1) != number)
+            continue;
+        u32 index = number % MAX_CLOSED;
+        struct closed_record *record = closed_ring.lookup(&index);
+        if (!record)
+            return -1; // never: index < MAX_CLOSED (the verifier asks)
+        __builtin_memcpy(&record->info, final, sizeof(*final));
+        __sync_lock_test_and_set(&record->number, number + 1); // after the copy
+        return 0;
+    }
+    return -1;
+}
 #else
 static __always_inline struct slot *find_slot(u64 key) { return NULL; }
 static __always_inline struct slot *slot_of(u64 key, struct sock_info *entry) { return NULL; }
 static __always_inline void add_to_slot(struct slot *slot, u64 bytes, int direction) {}
 static __always_inline void give_slot(u64 key, struct sock_info *entry) {}
 static __always_inline void free_slot(struct slot *slot) {}
+
+static __always_inline int record_closed(struct sock_info *final)
+{
+    return closed.insert(&final->id, final);
+}
 #endif
 
 // The entry's process is recorded (and marked for user space): its sends and receives take
@@ -365,8 +421,8 @@ static __always_inline struct sock_info *track(void *sk, u8 role, u8 flags)
     return entry;
 }
 
-// The socket is finished: its entry leaves `socks` first, then its final counts enter
-// `closed`. In that order user space can never see the same id live after draining it.
+// The socket is finished: its entry leaves `socks` first, then its final counts enter the
+// closed records. In that order user space can never see the same id live after draining it.
 static __always_inline void retire(u64 key, struct sock_info *entry)
 {
     struct sock_info final = {};
@@ -381,7 +437,7 @@ static __always_inline void retire(u64 key, struct sock_info *entry)
     socks.delete(&key);
     if (slot) // after the delete: a reader that saw the entry finds the slot still its own
         free_slot(slot);
-    if (closed.insert(&final.id, &final) != 0) {
+    if (record_closed(&final) != 0) {
         count(C_SPILLED_SENT, final.sent);
         count(C_SPILLED_RECEIVED, final.received);
         count(C_SPILLED_SOCKETS, 1);

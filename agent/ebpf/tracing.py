@@ -88,7 +88,6 @@ COMPILE_CACHE = Path("/var/cache/tcpacct/bpf")
 DRAIN_PERIOD = 0.25  # seconds between drains of the kernel's closed map (start_draining)
 MAPS = (
     "socks",
-    "closed",
     "listeners",
     "counters",
     "next_id",
@@ -96,16 +95,21 @@ MAPS = (
     "changed",
     "lifecycle_busy",
 )
+SLOT_MAPS = ("slots", "closed_ring", "closed_ends")  # kernels with compare-and-swap
 
 
 def _maps(plan: BackendPlan) -> tuple[str, ...]:
-    """The maps of the plan's program: MAPS, and ``slots`` where the kernel has them."""
-    return (*MAPS, "slots") if plan.slots else MAPS
+    """The maps of the plan's program: MAPS, and where the kernel has compare-and-swap the
+    slots and the ring of closed records, else the ``closed`` hash map."""
+    return (*MAPS, *SLOT_MAPS) if plan.slots else (*MAPS, "closed")
 
 
+CLOSED_RECORD_SIZE = SOCK_INFO_SIZE + 8  # struct closed_record: the final sock_info, number
+CLOSED_HEAD, CLOSED_TAIL = 0, 1  # indexes of `closed_ends`
 LISTENER_KEY = struct.Struct("<IHH")  # struct listener_key
 PROCESS_INFO = struct.Struct("<I16s")  # struct process_info
 U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +280,122 @@ class _BatchReader:
         )
 
 
+class _FinishedRecords(Protocol):
+    """Where finished sockets' final records wait in the kernel: :meth:`take` moves every
+    record there is into a buffer (``stride`` bytes apart, each starting with its
+    sock_info) and out of the kernel; :meth:`release` gives the buffer's pages back."""
+
+    stride: int
+
+    def take(self) -> memoryview: ...
+
+    def release(self) -> None: ...
+
+
+class _ClosedMap:
+    """The ``closed`` hash map of kernels without compare-and-swap, keyed by socket id."""
+
+    stride = SOCK_INFO_SIZE
+
+    def __init__(self, map_fd: int, capacity: int) -> None:
+        self._reader = _BatchReader(map_fd, 8, SOCK_INFO_SIZE, capacity)
+
+    def take(self) -> memoryview:
+        return self._reader.read(delete=True)[1]
+
+    def release(self) -> None:
+        self._reader.release()
+
+
+class _ClosedRing:
+    """The ``closed_ring`` array (bpf/tcpacct.c record_closed): record number n at index
+    n % capacity, committed when its ``number`` field reads n + 1. The kernel keeps the head
+    (records reserved) in ``closed_ends``; this reader keeps the tail (records taken) there.
+
+    A take reads the unread window [tail, head) with BPF_MAP_LOOKUP_BATCH, finds how many
+    records from the tail are committed, and reads those again: the kernel copies a record
+    in before it sets the number, but a batch read copies bytes in no promised order, so a
+    record committed while the first read ran could come out half old. Committed before
+    the second read began, every byte of it is the final one. Then the tail moves past
+    them, which frees their indexes for the kernel. With a capacity of 4, tail 2 and head
+    5, where record 4 is reserved but not committed yet: records 2 and 3 (indexes 2, 3)
+    are taken, and the tail becomes 4.
+    """
+
+    stride = CLOSED_RECORD_SIZE
+
+    def __init__(self, ring_fd: int, ends_fd: int, capacity: int) -> None:
+        check_sizes(ring_fd, 4, CLOSED_RECORD_SIZE)
+        self._capacity = capacity
+        self._ends = MapHandle(ends_fd, 4, 8)
+        tail = self._ends.lookup(U32.pack(CLOSED_TAIL))
+        self._tail = U64.unpack(tail)[0] if tail else 0
+        # private: MADV_DONTNEED frees the pages (as _BatchReader's)
+        self._key_pages = mmap.mmap(-1, 4 * capacity, flags=mmap.MAP_PRIVATE)
+        self._value_pages = mmap.mmap(-1, CLOSED_RECORD_SIZE * capacity, flags=mmap.MAP_PRIVATE)
+        self._keys = (ctypes.c_char * (4 * capacity)).from_buffer(self._key_pages)
+        self._values = (ctypes.c_char * (CLOSED_RECORD_SIZE * capacity)).from_buffer(
+            self._value_pages
+        )
+        self._filled = 0  # records the last take wrote
+        self._tokens = (ctypes.c_uint32 * 2)()  # in, out
+        self._attr = BatchAttr(map_fd=ring_fd)
+
+    def take(self) -> memoryview:
+        raw = self._ends.lookup(U32.pack(CLOSED_HEAD))
+        head = U64.unpack(raw)[0] if raw else self._tail
+        unread = max(0, min(head - self._tail, self._capacity))
+        committed = self._committed(self._read(unread))
+        if committed:
+            self._read(committed)
+            self._tail += committed
+            self._ends.update(U32.pack(CLOSED_TAIL), U64.pack(self._tail))
+        return memoryview(self._values).cast("B")[: committed * CLOSED_RECORD_SIZE]
+
+    def release(self) -> None:
+        used = -(-self._filled * CLOSED_RECORD_SIZE // mmap.PAGESIZE) * mmap.PAGESIZE
+        if used:
+            self._value_pages.madvise(mmap.MADV_DONTNEED, 0, min(used, len(self._value_pages)))
+            self._key_pages.madvise(mmap.MADV_DONTNEED)
+        self._filled = 0
+
+    def _committed(self, records: int) -> int:
+        """How many of the first ``records`` read, from the tail on, are committed."""
+        words = memoryview(self._values).cast("B").cast("Q")
+        numbers = words[SOCK_INFO_SIZE // 8 :: CLOSED_RECORD_SIZE // 8]
+        expected = self._tail + 1
+        for offset in range(records):
+            if numbers[offset] != expected + offset:
+                return offset
+        return records
+
+    def _read(self, records: int) -> int:
+        """Read ``records`` records from the tail on into the buffer, in order; returns
+        ``records``."""
+        done = 0
+        while done < records:
+            index = (self._tail + done) % self._capacity
+            count = min(records - done, self._capacity - index)
+            self._read_indexes(index, count, done)
+            done += count
+        self._filled = max(self._filled, records)
+        return records
+
+    def _read_indexes(self, index: int, count: int, into: int) -> None:
+        """Records at ``index`` .. ``index + count - 1`` into buffer positions ``into`` on."""
+        attr, tokens = self._attr, self._tokens
+        tokens[0] = index - 1  # a batch starts after its in_batch key
+        attr.in_batch = ctypes.addressof(tokens) if index else 0
+        attr.out_batch = ctypes.addressof(tokens) + 4
+        attr.keys = ctypes.addressof(self._keys) + 4 * into
+        attr.values = ctypes.addressof(self._values) + CLOSED_RECORD_SIZE * into
+        attr.count = count
+        error = bpf_errno(BPF_MAP_LOOKUP_BATCH, attr)
+        if error or attr.count != count:
+            reason = os.strerror(error) if error else f"{attr.count} of {count} records"
+            raise OSError(error or errno.EIO, f"reading the closed ring failed: {reason}")
+
+
 def _in_slot_order(raw: memoryview, indexes: list[int] | None = None) -> list[int]:
     """Indexes of the entries of a batch read (all, or ``indexes`` of them), by their
     slots, those without one first: entries with slots 3, 0, 1 -> ``[1, 2, 0]``.
@@ -392,7 +512,11 @@ class KernelTracer:
         self._socks = _BatchReader(fds["socks"], 8, SOCK_INFO_SIZE, capacities.sockets)
         self._entries = MapHandle(fds["socks"], 8, SOCK_INFO_SIZE)
         self._changes = _BatchReader(fds["changed"], 8, 1, capacities.sockets)
-        self._finished = _BatchReader(fds["closed"], 8, SOCK_INFO_SIZE, capacities.closed)
+        self._finished: _FinishedRecords = (
+            _ClosedRing(fds["closed_ring"], fds["closed_ends"], capacities.closed)
+            if "closed_ring" in fds
+            else _ClosedMap(fds["closed"], capacities.closed)
+        )
         self._cpus = possible_cpus()
         self._counters = MapHandle(fds["counters"], 4, 8, cpus=self._cpus)
         self._per_cpu = struct.Struct(f"<{self._cpus}Q")
@@ -423,7 +547,8 @@ class KernelTracer:
     # -- reading -----------------------------------------------------------------------
     def _decode_finished(self, raw: memoryview) -> list[SocketSample]:
         decode, samples = self._decoder.decode, self._samples  # callers hold self._lock
-        return [decode(raw, samples, offset) for offset in range(0, len(raw), SOCK_INFO_SIZE)]
+        stride = self._finished.stride
+        return [decode(raw, samples, offset) for offset in range(0, len(raw), stride)]
 
     def _next_round(self) -> None:
         """Entries changed from now on are marked again (bpf/tcpacct.c mark_changed)."""
@@ -561,7 +686,7 @@ class KernelTracer:
             changed = self._read_changed(keys)
         # finished records leave the kernel map here: kept in _drained until this poll
         # has succeeded, so a failure below hands them to the next poll instead of losing them
-        self._drained.extend(self._decode_finished(self._finished.read(delete=True)[1]))
+        self._drained.extend(self._decode_finished(self._finished.take()))
         finished = self._drained
         samples = self._samples
         gone = self._gone
@@ -614,7 +739,7 @@ class KernelTracer:
                 # Accounting is behind: leave the rest in the kernel's closed map (past its
                 # capacity the kernel spills them into counted totals) so memory stays bounded.
                 return 0
-            raw = self._finished.read(delete=True)[1]
+            raw = self._finished.take()
             if not raw:
                 return 0
             samples = self._decode_finished(raw)

@@ -13,7 +13,13 @@ import pytest
 from agent.accounting import Accountant
 from agent.ebpf.decoding import C_COUNT, SLOT, SOCK_INFO, encode_port
 from agent.ebpf.syscalls import MapHandle, create_map
-from agent.ebpf.tracing import LISTENER_KEY, PROCESS_INFO, Capacities, KernelTracer
+from agent.ebpf.tracing import (
+    CLOSED_RECORD_SIZE,
+    LISTENER_KEY,
+    PROCESS_INFO,
+    Capacities,
+    KernelTracer,
+)
 from agent.model import SocketFlag
 from tests.privileged.conftest import _unavailable
 from tests.support.fakes import FakeCatalogue, FakeEnricher
@@ -46,14 +52,24 @@ class _Plan:
     hooks: tuple[()] = ()
 
 
-@pytest.fixture
-def maps() -> Iterator[dict[str, int]]:
+@pytest.fixture(params=["closed_ring", "closed"])
+def maps(request) -> Iterator[dict[str, int]]:
+    """The maps of a program with slots and the ring of closed records, or (``closed``)
+    with the hash map of closed records that kernels without compare-and-swap get."""
     if os.geteuid() != 0:
         _unavailable("needs root to create BPF maps (run: sudo make test)")
+    finished = (
+        {
+            "closed_ring": create_map(ARRAY, 4, CLOSED_RECORD_SIZE, CAPACITY, 0, "t_ring"),
+            "closed_ends": create_map(ARRAY, 4, 8, 2, 0, "t_ends"),
+        }
+        if request.param == "closed_ring"
+        else {"closed": create_map(HASH, 8, SOCK_INFO.size, CAPACITY, 0, "t_closed")}
+    )
     fds = {
+        **finished,
         "socks": create_map(HASH, 8, SOCK_INFO.size, CAPACITY, 0, "t_socks"),
         "changed": create_map(HASH, 8, 1, CAPACITY, 0, "t_changed"),
-        "closed": create_map(HASH, 8, SOCK_INFO.size, CAPACITY, 0, "t_closed"),
         "counters": create_map(PERCPU_ARRAY, 4, 8, C_COUNT, 0, "t_counters"),
         "poll_round": create_map(ARRAY, 4, 4, 1, 0, "t_round"),
         "slots": create_map(ARRAY, 4, SLOT.size, Capacities(CAPACITY).slots, 1 << 10, "t_slots"),
@@ -64,6 +80,19 @@ def maps() -> Iterator[dict[str, int]]:
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def record_finished(maps: dict[str, int], final: bytes) -> None:
+    """A finished socket's record, written as the kernel writes it: the next record of the
+    ring (committed, the head moved past it), or an entry of the hash map by its id."""
+    if "closed" in maps:
+        MapHandle(maps["closed"], 8, SOCK_INFO.size).update(final[:8], final)
+        return
+    ends = MapHandle(maps["closed_ends"], 4, 8)
+    head = int.from_bytes(ends.lookup((0).to_bytes(4, "little")) or bytes(8), "little")
+    ring = MapHandle(maps["closed_ring"], 4, CLOSED_RECORD_SIZE)
+    ring.update((head % CAPACITY).to_bytes(4, "little"), final + (head + 1).to_bytes(8, "little"))
+    ends.update((0).to_bytes(4, "little"), (head + 1).to_bytes(8, "little"))
 
 
 def entry(socket_id: int, sent: int, flags: int = OPENED) -> bytes:
@@ -80,7 +109,6 @@ def test_a_poll_that_fails_half_way_loses_nothing(maps) -> None:
     socket as changed under a number that shows the gap, and hands the record over."""
     tracer = KernelTracer(_Program(maps), _Plan(), Capacities(CAPACITY, CAPACITY, 64))
     socks, changed = MapHandle(maps["socks"], 8, SOCK_INFO.size), MapHandle(maps["changed"], 8, 1)
-    closed = MapHandle(maps["closed"], 8, SOCK_INFO.size)
 
     def live(socket_id: int, sent: int) -> None:
         key = (0xFFFF_8880_0000_0000 + 4096 * socket_id).to_bytes(8, "little")
@@ -96,7 +124,7 @@ def test_a_poll_that_fails_half_way_loses_nothing(maps) -> None:
 
     for socket_id in (1, 2, 3):
         live(socket_id, 250)
-    closed.update((9).to_bytes(8, "little"), entry(9, 70, FINAL))
+    record_finished(maps, entry(9, 70, FINAL))
     refresh, calls = tracer._decoder.refresh, []
 
     def failing_refresh(*args, **kwargs):

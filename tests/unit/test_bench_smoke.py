@@ -335,9 +335,9 @@ def test_the_probe_drains_the_closed_map_as_the_agent_does() -> None:
     drained, discarded = threading.Event(), threading.Event()
 
     class Reader:
-        def read(self, *, delete: bool):
+        def take(self) -> memoryview:
             discarded.set()
-            return memoryview(b""), memoryview(b"")
+            return memoryview(b"")
 
         def release(self) -> None:
             pass
