@@ -256,7 +256,7 @@ def measure_closes(rate: int, plan: CostPlan, backend: str) -> list[Figure]:
     how = (
         f"{workers} process(es) open and close loopback connections (64 bytes each) paced "
         f"to {rate}/s in total for {plan.close_seconds:g} s; the agent polls every 1 s "
-        "(poller thread) and drains the closed map every 0.25 s (drainer thread); thread "
+        "(poller thread) and drains the closed records every 0.25 s (drainer thread); thread "
         "CPU time per poll, the drains since the last poll included, during the churn."
     )
     return [

@@ -33,7 +33,8 @@ command                             answer
                                     pause the poller: the data path as with no agent
 ``{"cmd": "attach"}``               attach again (lifecycle hooks first) and resume polling;
                                     ``"accounting": false``: the poller only empties the
-                                    ``changed`` and closed maps (hooks-only rounds)
+                                    ``changed`` map and closed records (hooks-only
+                                    rounds)
 ``{"cmd": "run_time_stats",``       the kernel's per-program run time on or off (BPF_ENABLE_STATS;
 ``"on": true}``                     off again at quit)
 ``{"cmd": "program_stats"}``        ``{"programs": {"on_send": {"run_ns", "runs",
@@ -151,7 +152,7 @@ class ProbedAgent:
 
     def _drain_forever(self) -> None:
         """As the agent's drainer: every drain period the finished sockets' records leave
-        the kernel's closed map (decoded and kept for the next poll; in hooks-only rounds
+        the kernel's closed records (decoded and kept for the next poll; in hooks-only rounds
         thrown away raw). Its thread CPU counts in the next periodic poll's; an error is
         kept in ``poller_errors`` as the poller's are."""
         while not self.stop.wait(self.drain_period):
@@ -196,7 +197,7 @@ class ProbedAgent:
             self.poller_cpu.append(result["poll_cpu_s"] + result["apply_cpu_s"] + drained)
 
     def discard_raw(self) -> None:
-        """Hooks-only rounds: empty the ``changed`` and closed maps as a poll does, without
+        """Hooks-only rounds: empty the ``changed`` map and closed records as a poll does, without
         decoding or accounting what they hold, so the kernel side runs exactly as with the
         agent while no user-space work competes with the workload. (The tracer's own
         readers, used from here on purpose: this is the benchmark's probe.)"""
@@ -209,7 +210,7 @@ class ProbedAgent:
             tracer._finished.release()
 
     def discard_closed(self) -> None:
-        """Hooks-only rounds' drain: empty the closed map without decoding it."""
+        """Hooks-only rounds' drain: empty the closed records without decoding it."""
         tracer = self.tracer
         with self.lock, tracer._lock:
             tracer._finished.take()
@@ -434,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         listeners=listening_sockets,
     )
     attach_s = time.perf_counter() - start
-    tracer.poll()  # what was in the closed map before us is not ours to count
+    tracer.poll()  # what was in the closed records before us is not ours to count
     accountant = Accountant(load_catalogue([]), LocalEnricher(ProcessNames().name))
     tune_for_polling()  # as the agent does once it is assembled
     agent = ProbedAgent(tracer, accountant, args.interval, args.drain)
