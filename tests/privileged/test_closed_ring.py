@@ -5,6 +5,8 @@ the array, and - with the real program - around it many times without a record l
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -163,4 +165,86 @@ def test_the_program_writes_the_ring_around_many_times_without_losing_a_record(b
         if tracer._plan.slots:  # every socket's record went through the ring
             assert tracer._finished._tail >= 160
     finally:
+        tracer.close()
+
+
+# One worker: connections to the listener it was handed, each request and response read in
+# full, both ends closed in this process on this CPU. It starts when the test writes a line.
+# At niceness 19 it leaves the CPU to the test's drainer and poller whenever they wake: the
+# agent's capacity is sized for its 0.25 s drains, this small ring for the test's 2 ms ones.
+CHURN_WORKER = """
+import os, socket, sys
+cpu, fd, connections, request, response = map(int, sys.argv[1:])
+os.sched_setaffinity(0, {cpu})
+os.nice(19)
+lsock = socket.socket(fileno=fd)
+name = lsock.getsockname()
+sys.stdin.readline()
+def read(sock, size):
+    while size:
+        size -= len(sock.recv(size))
+for _ in range(connections):
+    client = socket.create_connection(name)
+    server, _ = lsock.accept()
+    client.sendall(b"q" * request)
+    read(server, request)
+    server.sendall(b"r" * response)
+    read(client, response)
+    client.close()
+    server.close()
+"""
+
+
+def test_both_cpus_closing_at_once_into_a_ring_being_drained_lose_no_record(backend) -> None:
+    """Two processes, one per CPU, each make and close 4,000 connections at the same time:
+    16,000 records reserved from two CPUs at once into a ring of 4,096 while the agent's
+    drainer takes them every 2 ms (and a poll accounts them every 50 ms), so writers race
+    each other for record numbers and the reader for the records they are still copying.
+    Every socket's bytes are counted at its own service, none spilled."""
+    cpus = sorted(os.sched_getaffinity(0))
+    connections = 4000
+    tracer = open_test_tracer(backend, Capacities(sockets=8192, closed=4096))
+    workers: list[subprocess.Popen[str]] = []
+    try:
+        harness = Harness(tracer)
+        with listener() as first, listener() as second:
+            services = []
+            for number, lsock in enumerate((first, second)):
+                request, response = 100 + number, 7 + number
+                services.append((service_of(lsock.getsockname()), request, response))
+                cpu = cpus[number % len(cpus)]
+                arguments = (cpu, lsock.fileno(), connections, request, response)
+                command = [sys.executable, "-c", CHURN_WORKER, *map(str, arguments)]
+                workers.append(
+                    subprocess.Popen(
+                        command, stdin=subprocess.PIPE, text=True, pass_fds=(lsock.fileno(),)
+                    )
+                )
+            tracer.start_draining(period=0.002)
+            for worker in workers:
+                worker.stdin.write("go\n")
+                worker.stdin.flush()
+            deadline = time.monotonic() + 60
+            while any(worker.poll() is None for worker in workers):
+                assert time.monotonic() < deadline, "the workers did not finish in 60 s"
+                harness.poll()  # as the agent's poller: what was drained is accounted
+                time.sleep(0.05)
+            assert [worker.returncode for worker in workers] == [0, 0]
+        harness.settle()
+        stats = harness.accountant.stats()
+        assert stats.spilled_sockets == 0
+        for service, request, response in services:
+            assert harness.total(OPENED, destination_service=service) == 2 * connections
+            assert harness.total(CLOSED, destination_service=service) == 2 * connections
+            for reporter in ("source", "destination"):
+                labels = {"destination_service": service, "reporter": reporter}
+                assert harness.total(RECEIVED, **labels) == connections * request
+                assert harness.total(SENT, **labels) == connections * response
+        if tracer._plan.slots:
+            assert tracer._finished._tail >= 4 * connections  # around the ring 3 times and more
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
         tracer.close()
