@@ -379,6 +379,8 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
     agent. The hooks-only ratio is the kernel side's share of the churn overhead; the rest
     is the agent's user space (decoding, naming and accounting each finished socket)."""
     values: dict[str, list[float]] = {"off": [], "hooks": [], "agent": []}
+    # per mode: us per connection of wall time and of each CPU time churn() took
+    spent: dict[str, dict[str, list[float]]] = {mode: {} for mode in values}
     try:
         _off(probe)
         for _, mode in rotating(tuple(values), plan.churn_pairs):
@@ -386,6 +388,8 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
                 probe.request({"cmd": "attach", "accounting": mode == "agent"})
             moved = churn(plan.churn_connections, MESSAGE, CLIENT_CPU, SERVER_CPU)
             values[mode].append(moved.rate)
+            for name, us in per_connection_us(moved).items():
+                spent[mode].setdefault(name, []).append(us)
             _off(probe)
     finally:
         _on(probe)
@@ -398,7 +402,11 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
         "(off), the hooks attached while the probe only empties the `changed` map every second and "
         "the closed records every 0.25 s (on: the kernel side's cost), and the whole agent "
         "(details.agent_ratio; details.agent_over_hooks: what the agent's user space costs "
-        "on top of its hooks, per triplet).",
+        "on top of its hooks, per triplet). details.us_per_connection: each mode's wall time "
+        "and CPU time per connection - the client thread, the server process, the two CPUs "
+        f"(CPU {CLIENT_CPU} and {SERVER_CPU}) busy in /proc/stat (every task on them, the "
+        "agent's threads, interrupts and softirqs) and stolen by the host; "
+        "details.added_us_per_connection: hooks and agent less the same triplet's off.",
         on=summarise(values["hooks"]),
         off=summarise(values["off"]),
         ratio=paired_ratio(values["hooks"], values["off"]),
@@ -406,9 +414,34 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
             "agent_per_s": summarise(values["agent"]).as_dict(),
             "agent_ratio": paired_ratio(values["agent"], values["off"]).as_dict(),
             "agent_over_hooks": paired_ratio(values["agent"], values["hooks"]).as_dict(),
+            "us_per_connection": {
+                mode: {name: summarise(us).as_dict() for name, us in spent[mode].items()}
+                for mode in spent
+            },
+            "added_us_per_connection": {
+                mode: {
+                    name: paired_difference(us, spent["off"][name]).as_dict()
+                    for name, us in spent[mode].items()
+                }
+                for mode in ("hooks", "agent")
+            },
             "backend": backend,
         },
     )
+
+
+def per_connection_us(moved: Moved) -> dict[str, float]:
+    """A churn run's wall time and CPU times per connection, in us: 12,000 connections in
+    1.2 s with the client thread at 0.6 s of CPU -> ``{"wall": 100.0, "client": 50.0, ...}``.
+
+    >>> per_connection_us(Moved("churn", 1, 1.2, 12_000, connections=12_000,
+    ...                         cpu_seconds={"client": 0.6}))
+    {'wall': 100.0, 'client': 50.0}
+    """
+    scale = 1e6 / moved.connections
+    spent = {"wall": moved.seconds * scale}
+    spent.update({name: seconds * scale for name, seconds in moved.cpu_seconds.items()})
+    return {name: round(us, 3) for name, us in spent.items()}
 
 
 def measure_churn_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
@@ -642,10 +675,16 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
     split = measure_churn_split(probe, plan, backend)
     figures.append(split)
     if split.ratio:
+        added = split.details["added_us_per_connection"]["hooks"]
         _add_details(figures, f"datapath.churn_per_s.{backend}", {
             "hooks_only_ratio": split.ratio.median,
             "agent_over_hooks": split.details["agent_over_hooks"]["median"],
+            "hooks_added_wall_us": added["wall"]["median"],
         })  # fmt: skip
+        if "cpus_busy" in added:  # CPUs with cpuidle counters
+            _add_details(figures, f"datapath.churn_per_s.{backend}", {
+                "hooks_added_busy_us": added["cpus_busy"]["median"],
+            })  # fmt: skip
     if backend == "tracepoint":
         floor = measure_churn_floor(probe, plan, backend)
         figures.append(floor)

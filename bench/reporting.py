@@ -195,16 +195,24 @@ def _churn_kernel_us(figure: Figure) -> float | None:
 def _beyond_the_count(figure: Figure) -> str:
     """What the hooks-only rounds lost per connection against what the kernel counts:
     ``"; the hooks-only rounds lost 9.9 us a connection, 1.1x the programs' counted run
-    time and dispatch"`` (100 us a connection agent-off, hooks-only 0.91, 9.0 us counted)."""
+    time and dispatch"`` (100 us a connection agent-off, hooks-only 0.91, 9.0 us counted),
+    and, where measured, the triplets' added wall and CPU busy time per connection."""
     kernel_us = _churn_kernel_us(figure)
     hooks = figure.details.get("hooks_only_ratio")
     if not kernel_us or not hooks or figure.off is None or not figure.off.median:
         return ""
     lost_us = 1e6 / figure.off.median * (1 / hooks - 1)
-    return (
+    text = (
         f"; the hooks-only rounds lost {lost_us:.1f} us a connection, "
         f"{lost_us / kernel_us:.1f}x the programs' counted run time and dispatch"
     )
+    wall, busy = (figure.details.get(k) for k in ("hooks_added_wall_us", "hooks_added_busy_us"))
+    if wall is not None and busy is not None:
+        text += (
+            f"; per triplet, their wall time grew {wall:.1f} us a connection and the two "
+            f"CPUs' busy time {busy:.1f} us (/proc/stat: both ends, softirqs, the probe)"
+        )
+    return text
 
 
 def _churn_kernel_budget(figure: Figure) -> str:

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 from bench.tcpinfo import tcp_info_after_ack, tcp_info_bytes
 
@@ -60,6 +61,7 @@ def serve_rr(listener: socket.socket, size: int) -> None:
 
 def serve_churn(listener: socket.socket, size: int, count: int) -> None:
     received = acked_total = tcpi_received_total = 0
+    started = time.process_time()  # CPU only: waiting in accept() costs none
     for _ in range(count):
         conn, _ = listener.accept()
         received += len(recv_exactly(conn, size))
@@ -72,6 +74,7 @@ def serve_churn(listener: socket.socket, size: int, count: int) -> None:
         sent=0,
         received=received,
         tcp_info={"acked": acked_total, "received": tcpi_received_total},
+        cpu_seconds=time.process_time() - started,
     )
 
 

@@ -26,10 +26,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.native import compiled
 from bench.servers import recv_exactly
@@ -64,6 +66,9 @@ class Moved:
     sequence_octets: dict[str, int] = field(default_factory=dict)
     data_client_port: int = 0  # iperf3: the data connection's client port (not the control)
     block_seconds: tuple[float, ...] = ()  # send/recv loops: equal blocks, timed one by one
+    # churn: CPU time during the run - the client thread's, the server process's, and what
+    # the two CPUs were busy (every task, interrupt and softirq) or stolen by the host
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -100,6 +105,52 @@ def pinned(cpu: int | None) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
+
+
+CPUIDLE = Path("/sys/devices/system/cpu")
+
+
+def idle_seconds(cpus: Collection[int]) -> float | None:
+    """Time the CPUs have spent idle since boot, by cpuidle's residency counters (us,
+    exact; /proc/stat's idle is printed in 10 ms ticks, a 1 s round's whole error budget),
+    or ``None`` where a CPU has no cpuidle states."""
+    total_us = 0
+    for cpu in cpus:
+        states = sorted((CPUIDLE / f"cpu{cpu}" / "cpuidle").glob("state*/time"))
+        if not states:
+            return None
+        total_us += sum(int(state.read_text()) for state in states)
+    return total_us / 1e6
+
+
+def steal_seconds(cpus: Collection[int]) -> float:
+    """Time the host stole from the CPUs since boot (/proc/stat, 10 ms ticks)."""
+    rows = psutil.cpu_times(percpu=True)
+    return sum(rows[cpu].steal for cpu in cpus)
+
+
+@dataclass(frozen=True, slots=True)
+class CpuReading:
+    """Where the CPUs' clocks stood at one moment; two readings give what a run cost them:
+    busy = elapsed x CPUs - idle (every task, interrupt and softirq on them)."""
+
+    cpus: tuple[int, ...]
+    at: float
+    idle: float | None
+    steal: float
+
+    @classmethod
+    def now(cls, cpus: Collection[int]) -> CpuReading:
+        chosen = tuple(sorted(cpus))
+        return cls(chosen, time.monotonic(), idle_seconds(chosen), steal_seconds(chosen))
+
+    def since(self, before: CpuReading) -> dict[str, float]:
+        """``{"cpus_busy": s, "cpus_steal": s}`` (busy left out without cpuidle)."""
+        spent = {"cpus_steal": self.steal - before.steal}
+        if self.idle is not None and before.idle is not None:
+            elapsed = (self.at - before.at) * len(self.cpus)
+            spent["cpus_busy"] = elapsed - (self.idle - before.idle)
+        return spent
 
 
 def free_port() -> int:
@@ -243,8 +294,11 @@ def churn(connections: int, size: int, client_cpu: int | None, server_cpu: int |
     address = ("127.0.0.1", server.port)
     message = b"c" * size
     acked_total = received_total = 0
+    cpus = {cpu for cpu in (client_cpu, server_cpu) if cpu is not None} or os.sched_getaffinity(0)
     try:
         with pinned(client_cpu):
+            cpus_before = CpuReading.now(cpus)
+            thread_before = time.thread_time()
             start = time.perf_counter()
             for _ in range(connections):
                 sock = socket.create_connection(address, timeout=30)
@@ -256,6 +310,8 @@ def churn(connections: int, size: int, client_cpu: int | None, server_cpu: int |
                 received_total += received
                 sock.close()
             seconds = time.perf_counter() - start
+            client_seconds = time.thread_time() - thread_before
+            cpus_spent = CpuReading.now(cpus).since(cpus_before)
         far = server.result()
     finally:
         server.kill()
@@ -275,4 +331,9 @@ def churn(connections: int, size: int, client_cpu: int | None, server_cpu: int |
         },
         # each client's SYN, and the server's FIN the client waited for
         sequence_octets={"client_acked": connections, "client_received": connections},
+        cpu_seconds={
+            "client": client_seconds,
+            "server": float(far.get("cpu_seconds", 0.0)),
+            **cpus_spent,
+        },
     )

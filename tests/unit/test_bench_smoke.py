@@ -245,6 +245,14 @@ def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
     assert "= 6.0 us on a connection's 100 us agent-off" in text
     assert "which alone would leave ~0.943" in text  # 100 / 106
     assert "lost 9.9 us a connection, 1.6x" in text  # against 6.0 us: no dispatch taken
+    timed = Figure(**{**{f: getattr(churn, f) for f in churn.__slots__}, "details": {
+        **churn.details, "hooks_added_wall_us": 8.04, "hooks_added_busy_us": 12.96,
+    }})  # fmt: skip
+    assert why(timed).endswith(
+        "1.1x the programs' counted run time and dispatch; per triplet, their wall time grew "
+        "8.0 us a connection and the two CPUs' busy time 13.0 us (/proc/stat: both ends, "
+        "softirqs, the probe)"
+    )
 
 
 def test_a_reports_service_totals_are_counted_from_the_rounds_mark() -> None:
