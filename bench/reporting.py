@@ -210,7 +210,8 @@ def _beyond_the_count(figure: Figure) -> str:
     if wall is not None and busy is not None:
         text += (
             f"; per triplet, their wall time grew {wall:.1f} us a connection and the two "
-            f"CPUs' busy time {busy:.1f} us (/proc/stat: both ends, softirqs, the probe)"
+            f"CPUs' busy time {busy:.1f} us (less their idle residency: both ends, softirqs, "
+            "the probe)"
         )
     return text
 

@@ -250,8 +250,8 @@ def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
     }})  # fmt: skip
     assert why(timed).endswith(
         "1.1x the programs' counted run time and dispatch; per triplet, their wall time grew "
-        "8.0 us a connection and the two CPUs' busy time 13.0 us (/proc/stat: both ends, "
-        "softirqs, the probe)"
+        "8.0 us a connection and the two CPUs' busy time 13.0 us (less their idle residency: "
+        "both ends, softirqs, the probe)"
     )
 
 
