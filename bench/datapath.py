@@ -36,6 +36,7 @@ from bench.workloads import (
     Moved,
     churn,
     free_port,
+    process_cpu_seconds,
     request_response,
     send_recv,
     unix_send_recv,
@@ -386,9 +387,13 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
         for _, mode in rotating(tuple(values), plan.churn_pairs):
             if mode != "off":
                 probe.request({"cmd": "attach", "accounting": mode == "agent"})
+            probe_before = process_cpu_seconds(probe.pid)
             moved = churn(plan.churn_connections, MESSAGE, CLIENT_CPU, SERVER_CPU)
+            probe_seconds = process_cpu_seconds(probe.pid) - probe_before
             values[mode].append(moved.rate)
-            for name, us in per_connection_us(moved).items():
+            taken = per_connection_us(moved)
+            taken["probe"] = round(probe_seconds * 1e6 / moved.connections, 3)
+            for name, us in taken.items():
                 spent[mode].setdefault(name, []).append(us)
             _off(probe)
     finally:
@@ -403,9 +408,10 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
         "the closed records every 0.25 s (on: the kernel side's cost), and the whole agent "
         "(details.agent_ratio; details.agent_over_hooks: what the agent's user space costs "
         "on top of its hooks, per triplet). details.us_per_connection: each mode's wall time "
-        "and CPU time per connection - the client thread, the server process, the two CPUs "
-        f"(CPU {CLIENT_CPU} and {SERVER_CPU}) busy in /proc/stat (every task on them, the "
-        "agent's threads, interrupts and softirqs) and stolen by the host; "
+        "and CPU time per connection - the client thread, the server process, the agent "
+        "process (the probe: its polls and drains that fell within the round), "
+        f"the two CPUs (CPU {CLIENT_CPU} and {SERVER_CPU}) busy: elapsed less cpuidle's idle "
+        "residency (every task on them, interrupts and softirqs), and stolen by the host; "
         "details.added_us_per_connection: hooks and agent less the same triplet's off.",
         on=summarise(values["hooks"]),
         off=summarise(values["off"]),
