@@ -12,8 +12,12 @@ def niceness_of(stat_line: str) -> int:
 
 
 def thread_niceness(pid: int, proc: Path = Path("/proc")) -> dict[int, int]:
-    """Every thread of process ``pid`` -> its niceness."""
-    return {
-        int(task.name): niceness_of((task / "stat").read_text())
-        for task in (proc / str(pid) / "task").iterdir()
-    }
+    """Every thread of process ``pid`` -> its niceness. A thread that ends between the
+    listing and its read (the HTTP server's per-request threads do) is left out."""
+    found = {}
+    for task in (proc / str(pid) / "task").iterdir():
+        try:
+            found[int(task.name)] = niceness_of((task / "stat").read_text())
+        except FileNotFoundError:
+            continue
+    return found

@@ -59,3 +59,15 @@ def test_a_thread_that_cannot_be_changed_is_logged_and_left(tmp_path, caplog) ->
     (tmp_path / "2147483646").mkdir()  # no such thread
     assert yield_cpu(10, tasks=tmp_path) == 0
     assert "could not set thread 2147483646 to niceness 10" in caplog.text
+
+
+def test_a_thread_that_ends_while_its_process_is_read_is_left_out(tmp_path) -> None:
+    """/proc lists a task, then the task ends before its stat is read (the agent's HTTP
+    server makes a thread per request): the rest are still read."""
+    from tests.support.niceness import thread_niceness
+
+    tasks = tmp_path / "42" / "task"
+    (tasks / "42").mkdir(parents=True)
+    (tasks / "42" / "stat").write_text("42 (tcpacct) S " + " ".join(["0"] * 15) + " 10 1 0")
+    (tasks / "43").mkdir()  # listed, its stat already gone
+    assert thread_niceness(42, proc=tmp_path) == {42: 10}
