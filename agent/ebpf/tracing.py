@@ -221,48 +221,66 @@ class _SlotTable:
                 self._pages.close()
 
 
-class _BatchReader:
-    """Reads a whole BPF hash map with BPF_MAP_LOOKUP[_AND_DELETE]_BATCH into buffers
-    mapped once; :meth:`release` hands the pages a read filled back to the kernel (a busy
-    poll of 100k sockets fills ~10 MiB that would otherwise stay resident between polls)."""
+class _BatchBuffers:
+    """Key and value buffers for BPF batch reads, ``capacity`` entries, mapped once;
+    :meth:`release` hands the pages the reads since the last release filled back to the
+    kernel (a busy poll of 100k sockets fills ~10 MiB that would otherwise stay resident
+    between polls)."""
 
-    def __init__(self, map_fd: int, key_size: int, value_size: int, capacity: int) -> None:
-        check_sizes(map_fd, key_size, value_size)
-        self._key_size = key_size
-        self._value_size = value_size
-        self._capacity = capacity
+    def __init__(self, key_size: int, value_size: int, capacity: int) -> None:
+        self.key_size = key_size
+        self.value_size = value_size
         # private: MADV_DONTNEED frees the pages (a shared anonymous mapping keeps its data)
         self._key_pages = mmap.mmap(-1, key_size * capacity, flags=mmap.MAP_PRIVATE)
         self._value_pages = mmap.mmap(-1, value_size * capacity, flags=mmap.MAP_PRIVATE)
         self._keys = (ctypes.c_char * (key_size * capacity)).from_buffer(self._key_pages)
         self._values = (ctypes.c_char * (value_size * capacity)).from_buffer(self._value_pages)
-        self._filled = 0  # entries the last read wrote
+        self.keys_at = ctypes.addressof(self._keys)  # where entry 0's key goes
+        self.values_at = ctypes.addressof(self._values)
+        self.filled = 0  # entries the reads since the last release wrote
+
+    def views(self, entries: int) -> tuple[memoryview, memoryview]:
+        """The raw keys and values of the first ``entries`` entries."""
+        return (
+            memoryview(self._keys).cast("B")[: entries * self.key_size],
+            memoryview(self._values).cast("B")[: entries * self.value_size],
+        )
+
+    def release(self) -> None:
+        """Give back the pages of the reads (their memoryviews must no longer be used)."""
+        for pages, size in ((self._key_pages, self.key_size), (self._value_pages, self.value_size)):
+            used = min(len(pages), -(-self.filled * size // mmap.PAGESIZE) * mmap.PAGESIZE)
+            if used:
+                pages.madvise(mmap.MADV_DONTNEED, 0, used)
+        self.filled = 0
+
+
+class _BatchReader:
+    """Reads a whole BPF hash map with BPF_MAP_LOOKUP[_AND_DELETE]_BATCH into
+    :class:`_BatchBuffers`."""
+
+    def __init__(self, map_fd: int, key_size: int, value_size: int, capacity: int) -> None:
+        check_sizes(map_fd, key_size, value_size)
+        self._capacity = capacity
+        self._buffers = _BatchBuffers(key_size, value_size, capacity)
         self._tokens = (ctypes.c_uint64 * 2)()  # in, out
         self._attr = BatchAttr(map_fd=map_fd)
 
     def release(self) -> None:
         """Give back the pages of the last read (its memoryviews must no longer be used)."""
-        for pages, size in (
-            (self._key_pages, self._key_size),
-            (self._value_pages, self._value_size),
-        ):
-            used = min(len(pages), -(-self._filled * size // mmap.PAGESIZE) * mmap.PAGESIZE)
-            if used:
-                pages.madvise(mmap.MADV_DONTNEED, 0, used)
-        self._filled = 0
+        self._buffers.release()
 
     def read(self, *, delete: bool) -> tuple[memoryview, memoryview]:
         """Raw keys and values of every entry (deleted as read when ``delete``)."""
         command = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
-        attr, tokens = self._attr, self._tokens
+        attr, tokens, buffers = self._attr, self._tokens, self._buffers
         in_token, out_token = ctypes.addressof(tokens), ctypes.addressof(tokens) + 8
-        keys, values = ctypes.addressof(self._keys), ctypes.addressof(self._values)
         total, first = 0, True
         while total < self._capacity:
             attr.in_batch = 0 if first else in_token
             attr.out_batch = out_token
-            attr.keys = keys + self._key_size * total
-            attr.values = values + self._value_size * total
+            attr.keys = buffers.keys_at + buffers.key_size * total
+            attr.values = buffers.values_at + buffers.value_size * total
             attr.count = self._capacity - total
             error = bpf_errno(command, attr)
             total += attr.count
@@ -273,11 +291,8 @@ class _BatchReader:
             if error:
                 raise OSError(error, f"BPF map batch read failed: {os.strerror(error)}")
             tokens[0], first = tokens[1], False
-        self._filled = max(self._filled, total)
-        return (
-            memoryview(self._keys).cast("B")[: total * self._key_size],
-            memoryview(self._values).cast("B")[: total * self._value_size],
-        )
+        buffers.filled = max(buffers.filled, total)
+        return buffers.views(total)
 
 
 class _FinishedRecords(Protocol):
@@ -330,14 +345,7 @@ class _ClosedRing:
         self._ends = MapHandle(ends_fd, 4, 8)
         tail = self._ends.lookup(U32.pack(CLOSED_TAIL))
         self._tail = U64.unpack(tail)[0] if tail else 0
-        # private: MADV_DONTNEED frees the pages (as _BatchReader's)
-        self._key_pages = mmap.mmap(-1, 4 * capacity, flags=mmap.MAP_PRIVATE)
-        self._value_pages = mmap.mmap(-1, CLOSED_RECORD_SIZE * capacity, flags=mmap.MAP_PRIVATE)
-        self._keys = (ctypes.c_char * (4 * capacity)).from_buffer(self._key_pages)
-        self._values = (ctypes.c_char * (CLOSED_RECORD_SIZE * capacity)).from_buffer(
-            self._value_pages
-        )
-        self._filled = 0  # records the last take wrote
+        self._buffers = _BatchBuffers(4, CLOSED_RECORD_SIZE, capacity)
         self._tokens = (ctypes.c_uint32 * 2)()  # in, out
         self._attr = BatchAttr(map_fd=ring_fd)
 
@@ -350,18 +358,14 @@ class _ClosedRing:
             self._read(committed)
             self._tail += committed
             self._ends.update(U32.pack(CLOSED_TAIL), U64.pack(self._tail))
-        return memoryview(self._values).cast("B")[: committed * CLOSED_RECORD_SIZE]
+        return self._buffers.views(committed)[1]
 
     def release(self) -> None:
-        used = -(-self._filled * CLOSED_RECORD_SIZE // mmap.PAGESIZE) * mmap.PAGESIZE
-        if used:
-            self._value_pages.madvise(mmap.MADV_DONTNEED, 0, min(used, len(self._value_pages)))
-            self._key_pages.madvise(mmap.MADV_DONTNEED)
-        self._filled = 0
+        self._buffers.release()
 
     def _committed(self, records: int) -> int:
         """How many of the first ``records`` read, from the tail on, are committed."""
-        words = memoryview(self._values).cast("B").cast("Q")
+        words = self._buffers.views(records)[1].cast("Q")
         numbers = words[SOCK_INFO_SIZE // 8 :: CLOSED_RECORD_SIZE // 8]
         expected = self._tail + 1
         for offset in range(records):
@@ -378,7 +382,7 @@ class _ClosedRing:
             count = min(records - done, self._capacity - index)
             self._read_indexes(index, count, done)
             done += count
-        self._filled = max(self._filled, records)
+        self._buffers.filled = max(self._buffers.filled, records)
         return records
 
     def _read_indexes(self, index: int, count: int, into: int) -> None:
@@ -387,8 +391,8 @@ class _ClosedRing:
         tokens[0] = index - 1  # a batch starts after its in_batch key
         attr.in_batch = ctypes.addressof(tokens) if index else 0
         attr.out_batch = ctypes.addressof(tokens) + 4
-        attr.keys = ctypes.addressof(self._keys) + 4 * into
-        attr.values = ctypes.addressof(self._values) + CLOSED_RECORD_SIZE * into
+        attr.keys = self._buffers.keys_at + 4 * into
+        attr.values = self._buffers.values_at + CLOSED_RECORD_SIZE * into
         attr.count = count
         error = bpf_errno(BPF_MAP_LOOKUP_BATCH, attr)
         if error or attr.count != count:
