@@ -210,7 +210,7 @@ class ProbedAgent:
             tracer._finished.release()
 
     def discard_closed(self) -> None:
-        """Hooks-only rounds' drain: empty the closed records without decoding it."""
+        """Hooks-only rounds' drain: empty the closed records without decoding them."""
         tracer = self.tracer
         with self.lock, tracer._lock:
             tracer._finished.take()

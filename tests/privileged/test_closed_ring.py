@@ -172,7 +172,7 @@ def test_the_program_writes_the_ring_around_many_times_without_losing_a_record(b
 # One worker: connections to the listener it was handed, each request and response read in
 # full, both ends closed in this process on this CPU. It starts when the test writes a line.
 # At niceness 19 it leaves the CPU to the test's drainer and poller whenever they wake: the
-# agent's capacity is sized for its 0.25 s drains, this small ring for the test's 2 ms ones.
+# agent's capacity is sized for its 0.25 s drains, the test's smaller ring for 2 ms ones.
 CHURN_WORKER = """
 import os, socket, sys
 cpu, fd, connections, request, response = map(int, sys.argv[1:])
