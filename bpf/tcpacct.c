@@ -349,13 +349,47 @@ static __always_inline u16 sock_local_port(void *sk)
     return port;
 }
 
-static __always_inline void read_identity(void *sk, struct sock_info *info)
+// The sock_common fields tcpacct reads lie within 88 bytes on the kernels so far: where they
+// fit in SKC_SPAN_MAX they are read with one bpf_probe_read_kernel, not one each (a read
+// costs ~35 ns in the churn on an AMD host, and a connection took some thirty of them).
+#define TCPACCT_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define TCPACCT_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define SKC_FIRST                                                                           \
+    TCPACCT_MIN(TCPACCT_MIN(TCPACCT_MIN(OFF_SKC_DADDR, OFF_SKC_RCV_SADDR),                  \
+                            TCPACCT_MIN(OFF_SKC_DPORT, OFF_SKC_FAMILY)),                    \
+                TCPACCT_MIN(OFF_SKC_NET, TCPACCT_MIN(OFF_SKC_V6_DADDR, OFF_SKC_V6_RCV_SADDR)))
+#define SKC_END                                                                             \
+    TCPACCT_MAX(TCPACCT_MAX(TCPACCT_MAX(OFF_SKC_DADDR + 4, OFF_SKC_RCV_SADDR + 4),          \
+                            TCPACCT_MAX(OFF_SKC_DPORT + 2, OFF_SKC_FAMILY + 2)),            \
+                TCPACCT_MAX(OFF_SKC_NET + 8,                                                \
+                            TCPACCT_MAX(OFF_SKC_V6_DADDR + 16, OFF_SKC_V6_RCV_SADDR + 16)))
+#define SKC_SPAN (SKC_END - SKC_FIRST)
+#define SKC_SPAN_MAX 128
+
+// The addresses, the remote port and the family into *info; the socket's struct net
+// pointer is returned (the netns inode is behind it). The local port is in inet_sock,
+// read apart.
+static __always_inline void *read_common(void *sk, struct sock_info *info)
 {
+    void *net = NULL;
     u16 family = 0;
+#if SKC_SPAN <= SKC_SPAN_MAX
+    u8 common[SKC_SPAN];
+    bpf_probe_read_kernel(common, sizeof(common), sk + SKC_FIRST); // zeroed if it fails
+    __builtin_memcpy(&family, common + (OFF_SKC_FAMILY - SKC_FIRST), sizeof(family));
+    __builtin_memcpy(&info->remote_port, common + (OFF_SKC_DPORT - SKC_FIRST), sizeof(u16));
+    __builtin_memcpy(&net, common + (OFF_SKC_NET - SKC_FIRST), sizeof(net));
+    if (family == TCPACCT_AF_INET6) {
+        __builtin_memcpy(info->local_addr, common + (OFF_SKC_V6_RCV_SADDR - SKC_FIRST), 16);
+        __builtin_memcpy(info->remote_addr, common + (OFF_SKC_V6_DADDR - SKC_FIRST), 16);
+    } else {
+        __builtin_memcpy(info->local_addr, common + (OFF_SKC_RCV_SADDR - SKC_FIRST), 4);
+        __builtin_memcpy(info->remote_addr, common + (OFF_SKC_DADDR - SKC_FIRST), 4);
+    }
+#else
     bpf_probe_read_kernel(&family, sizeof(family), sk + OFF_SKC_FAMILY);
-    info->family = family;
     bpf_probe_read_kernel(&info->remote_port, sizeof(u16), sk + OFF_SKC_DPORT);
-    info->local_port = sock_local_port(sk);
+    bpf_probe_read_kernel(&net, sizeof(net), sk + OFF_SKC_NET);
     if (family == TCPACCT_AF_INET6) {
         bpf_probe_read_kernel(info->local_addr, 16, sk + OFF_SKC_V6_RCV_SADDR);
         bpf_probe_read_kernel(info->remote_addr, 16, sk + OFF_SKC_V6_DADDR);
@@ -363,7 +397,29 @@ static __always_inline void read_identity(void *sk, struct sock_info *info)
         bpf_probe_read_kernel(info->local_addr, 4, sk + OFF_SKC_RCV_SADDR);
         bpf_probe_read_kernel(info->remote_addr, 4, sk + OFF_SKC_DADDR);
     }
-    info->netns = sock_netns(sk);
+#endif
+    info->family = family;
+    return net;
+}
+
+// A new entry's identity: sock_common's fields, the local port and the netns inode.
+static __always_inline void read_identity(void *sk, struct sock_info *info)
+{
+    void *net = read_common(sk, info);
+    info->local_port = sock_local_port(sk);
+    u32 inum = 0;
+    if (net)
+        bpf_probe_read_kernel(&inum, sizeof(inum), net + OFF_NET_NS_INUM);
+    info->netns = inum;
+}
+
+// What a socket's identity gains after connect()'s SYN_SENT: the local port (chosen after
+// it), and the local address of an IPv6 socket connecting to a v4-mapped address (set
+// after it). Its network namespace does not change.
+static __always_inline void reread_endpoints(void *sk, struct sock_info *info)
+{
+    read_common(sk, info);
+    info->local_port = sock_local_port(sk);
 }
 
 static __always_inline void set_current_process(struct sock_info *info)
@@ -372,12 +428,18 @@ static __always_inline void set_current_process(struct sock_info *info)
     bpf_get_current_comm(info->comm, sizeof(info->comm));
 }
 
-static __always_inline struct process_info *listener_of(void *sk)
+// The process listening on a port in a network namespace, if one is known.
+static __always_inline struct process_info *listener_at(u32 netns, u16 port)
 {
     struct listener_key key = {};
-    key.netns = sock_netns(sk);
-    key.port = sock_local_port(sk);
+    key.netns = netns;
+    key.port = port;
     return listeners.lookup(&key);
+}
+
+static __always_inline struct process_info *listener_of(void *sk)
+{
+    return listener_at(sock_netns(sk), sock_local_port(sk));
 }
 
 // A socket's key in `socks` and `slots`: its address as a number. fentry arguments are
@@ -507,9 +569,12 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
     if (newstate != TCP_SYN_SENT_ && newstate != TCP_ESTABLISHED_ && newstate != TCP_CLOSE_ &&
         newstate != TCP_LISTEN_ && oldstate != TCP_LISTEN_)
         return 0;
-    if (sock_protocol(sk) != TCPACCT_IPPROTO_TCP)
-        return 0;
     u64 key = (u64)sk;
+    // sock_protocol() is read where an entry is to be made or a listener is involved: the
+    // tracepoint fires for other protocols too (SCTP), and an entry exists only for TCP.
+    if ((newstate == TCP_LISTEN_ || oldstate == TCP_LISTEN_) &&
+        sock_protocol(sk) != TCPACCT_IPPROTO_TCP)
+        return 0;
 
     if (newstate == TCP_LISTEN_) { // listen(): process context
         struct listener_key lkey = {};
@@ -538,8 +603,11 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
             retire(key, entry); // reconnect after a disconnect: a new connection
             entry = NULL;
         }
-        if (!entry)
+        if (!entry) {
+            if (sock_protocol(sk) != TCPACCT_IPPROTO_TCP)
+                return 0;
             entry = track(sk, ROLE_CLIENT, 0);
+        }
         if (entry) {
             entry->flags &= ~F_CLOSED; // a failed attempt before this one
             if (!entry->tgid)
@@ -560,15 +628,17 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
             entry = NULL;
         }
         if (!entry) {
+            if (sock_protocol(sk) != TCPACCT_IPPROTO_TCP)
+                return 0;
             entry = track(sk, role, F_OPENED);
         } else {
-            read_identity(sk, entry); // the local port was not chosen yet at SYN_SENT
+            reread_endpoints(sk, entry); // the local port was not chosen yet at SYN_SENT
             if (entry->role == ROLE_UNKNOWN)
                 entry->role = role;
             entry->flags |= F_OPENED;
         }
         if (entry && !entry->tgid && role == ROLE_SERVER) {
-            struct process_info *owner = listener_of(sk);
+            struct process_info *owner = listener_at(entry->netns, entry->local_port);
             if (owner) {
                 entry->tgid = owner->tgid;
                 __builtin_memcpy(entry->comm, owner->comm, sizeof(entry->comm));
