@@ -364,7 +364,9 @@ static __always_inline u16 sock_local_port(void *sk)
                 TCPACCT_MAX(OFF_SKC_NET + 8,                                                \
                             TCPACCT_MAX(OFF_SKC_V6_DADDR + 16, OFF_SKC_V6_RCV_SADDR + 16)))
 #define SKC_SPAN (SKC_END - SKC_FIRST)
+#ifndef SKC_SPAN_MAX // -DSKC_SPAN_MAX=0 takes the field-by-field reads (a test does)
 #define SKC_SPAN_MAX 128
+#endif
 
 // The addresses, the remote port and the family into *info; the socket's struct net
 // pointer is returned (the netns inode is behind it). The local port is in inet_sock,
