@@ -48,9 +48,12 @@ def _by_local_port(tracer: KernelTracer) -> dict[int, SocketSample]:
 
 
 @pytest.mark.parametrize("field_by_field", [False, True], ids=["one-read", "field-by-field"])
-def test_both_ends_identity_is_the_sockets_own(tmp_path: Path, field_by_field: bool) -> None:
-    tracer = open_tracer(
-        "tracepoint",
+def test_both_ends_identity_is_the_sockets_own(
+    tracer: KernelTracer, backend: str, tmp_path: Path, field_by_field: bool
+) -> None:
+    """``tracer`` (the session's) only checks that BPF loads here, as every privileged test."""
+    own = open_tracer(
+        backend,
         capacities=Capacities(sockets=1024, closed=1024, listeners=64),
         bpf_dir=_bpf_dir(tmp_path, field_by_field),
         compile_cache=tmp_path / "cache",
@@ -65,7 +68,7 @@ def test_both_ends_identity_is_the_sockets_own(tmp_path: Path, field_by_field: b
                 server, _ = lsock.accept()
                 send_exact(client, 300)
                 recv_exact(server, 300)
-                live = _by_local_port(tracer)
+                live = _by_local_port(own)
                 for sock, role in ((client, Role.CLIENT), (server, Role.SERVER)):
                     local, remote = sock.getsockname(), sock.getpeername()
                     sample = live[local[1]]
@@ -81,4 +84,4 @@ def test_both_ends_identity_is_the_sockets_own(tmp_path: Path, field_by_field: b
                 client.close()
                 server.close()
     finally:
-        tracer.close()
+        own.close()

@@ -43,6 +43,7 @@ BOOT_ALLOWANCE = 180.0
 
 ACCURACY = "tests/privileged/test_accuracy.py"
 AGENT_PROCESS = "tests/privileged/test_agent_process.py"
+IDENTITY = "tests/privileged/test_identity_reads.py"
 
 
 def guest_pytest(backend: str, *selection: str) -> str:
@@ -70,10 +71,10 @@ class GuestStep:
 
 STEPS = (
     GuestStep("smoke", ".venv/bin/python tests/vm/guest_smoke.py"),
-    GuestStep("fentry", guest_pytest("fentry", ACCURACY, AGENT_PROCESS), "fentry", True),
+    GuestStep("fentry", guest_pytest("fentry", ACCURACY, AGENT_PROCESS, IDENTITY), "fentry", True),
     GuestStep(
         "kprobe",
-        guest_pytest("kprobe", ACCURACY, AGENT_PROCESS, "-k", "not ten_thousand"),
+        guest_pytest("kprobe", ACCURACY, AGENT_PROCESS, IDENTITY, "-k", "not ten_thousand"),
         "kprobe",
         True,
     ),
