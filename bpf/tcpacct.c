@@ -573,7 +573,9 @@ static __always_inline int handle_set_state(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     u64 key = (u64)sk;
     // sock_protocol() is read where an entry is to be made or a listener is involved: the
-    // tracepoint fires for other protocols too (SCTP), and an entry exists only for TCP.
+    // tracepoint fires for other protocols too (SCTP), and an entry is made only for TCP.
+    // (An entry found at the address of another protocol's socket would be a TCP socket's
+    // whose destroy no program saw, which tcpacct_lifecycle_events_missed_total counts.)
     if ((newstate == TCP_LISTEN_ || oldstate == TCP_LISTEN_) &&
         sock_protocol(sk) != TCPACCT_IPPROTO_TCP)
         return 0;
