@@ -140,6 +140,12 @@ def why(figure: Figure) -> str:
                 f"{d['empty_data_ratio']:.3f}, and nothing attached again "
                 f"{d['off_again_ratio']:.3f} (rounds of their own)"
             )
+        if "blocks_mean" in d:
+            split += (
+                f"; in {d['blocks_pairs']} short alternating blocks the whole agent keeps "
+                f"{d['blocks_mean']:.3f} (95 % interval {d['blocks_low']:.3f}-"
+                f"{d['blocks_high']:.3f})"
+            )
         kernel = _churn_kernel_budget(figure)
         if kernel:
             return f"{kernel}; {split}{_beyond_the_count(figure)}"

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,3 +61,35 @@ def paired_difference(on: Sequence[float], off: Sequence[float]) -> Spread:
     if len(on) != len(off):
         raise ValueError(f"{len(on)} on-rounds but {len(off)} off-rounds")
     return summarise([a - b for a, b in zip(on, off, strict=True)])
+
+
+@dataclass(frozen=True, slots=True)
+class RatioInterval:
+    """The geometric mean of paired on/off ratios and its ~95 % interval (mean of the log
+    ratios +- 2 standard errors)."""
+
+    mean: float
+    low: float
+    high: float
+    pairs: int
+
+    def as_dict(self) -> dict[str, object]:
+        """``{"mean": 0.93, "low": 0.91, "high": 0.95, "pairs": 192}``."""
+        return {"mean": self.mean, "low": self.low, "high": self.high, "pairs": self.pairs}
+
+
+def ratio_interval(on: Sequence[float], off: Sequence[float]) -> RatioInterval:
+    """Pairs ``[110, 90, 100], [100, 100, 100]`` -> mean 0.997, interval 0.888-1.119.
+
+    >>> r = ratio_interval([110.0, 90.0, 100.0], [100.0, 100.0, 100.0])
+    >>> round(r.mean, 3), round(r.low, 3), round(r.high, 3)
+    (0.997, 0.888, 1.119)
+    """
+    if len(on) != len(off) or len(on) < 2:
+        raise ValueError(f"{len(on)} on-rounds and {len(off)} off-rounds: need 2+ pairs")
+    logs = [math.log(a / b) for a, b in zip(on, off, strict=True)]
+    mean = statistics.fmean(logs)
+    error = statistics.stdev(logs) / math.sqrt(len(logs))
+    return RatioInterval(
+        math.exp(mean), math.exp(mean - 2 * error), math.exp(mean + 2 * error), len(logs)
+    )

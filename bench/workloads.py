@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,6 +301,50 @@ def request_response(
     )
 
 
+def _connect_send_close(address: tuple[str, int], message: bytes) -> tuple[int, int]:
+    """One churned connection: connect, send ``message``, see the server's close, close;
+    its ``tcp_info`` (bytes acked, bytes received) once the message is acked."""
+    sock = socket.create_connection(address, timeout=30)
+    try:
+        sock.sendall(message)
+        if sock.recv(1) != b"":
+            raise RuntimeError("churn server sent data")
+        return tcp_info_after_ack(sock, len(message))
+    finally:
+        sock.close()
+
+
+def churn_blocks(
+    blocks: int,
+    connections: int,
+    size: int,
+    client_cpu: int | None,
+    server_cpu: int | None,
+    before_block: Callable[[int], None],
+) -> list[float]:
+    """``blocks`` blocks of ``connections`` churned connections each to one server process,
+    ``before_block(i)`` called before block ``i`` (not timed: e.g. hooks switched on or
+    off); each block's connections per second. The server's bytes are checked at the end."""
+    server = _Server("churn", server_cpu, size, count=blocks * connections)
+    address, message = ("127.0.0.1", server.port), b"c" * size
+    rates = []
+    try:
+        with pinned(client_cpu):
+            for block in range(blocks):
+                before_block(block)
+                start = time.perf_counter()
+                for _ in range(connections):
+                    _connect_send_close(address, message)
+                rates.append(connections / (time.perf_counter() - start))
+        far = server.result()
+    finally:
+        server.kill()
+    expected = blocks * connections * size
+    if far["received"] != expected:
+        raise RuntimeError(f"churn server received {far['received']} bytes, not {expected}")
+    return rates
+
+
 def churn(connections: int, size: int, client_cpu: int | None, server_cpu: int | None) -> Moved:
     """``connections`` short connections: connect, send ``size`` bytes, server closes first."""
     server = _Server("churn", server_cpu, size, count=connections)
@@ -314,14 +358,9 @@ def churn(connections: int, size: int, client_cpu: int | None, server_cpu: int |
             thread_before = time.thread_time()
             start = time.perf_counter()
             for _ in range(connections):
-                sock = socket.create_connection(address, timeout=30)
-                sock.sendall(message)
-                if sock.recv(1) != b"":
-                    raise RuntimeError("churn server sent data")
-                acked, received = tcp_info_after_ack(sock, size)
+                acked, received = _connect_send_close(address, message)
                 acked_total += acked
                 received_total += received
-                sock.close()
             seconds = time.perf_counter() - start
             client_seconds = time.thread_time() - thread_before
             cpus_spent = CpuReading.now(cpus).since(cpus_before)

@@ -396,3 +396,84 @@ def test_k8s_accounting_polls_are_new_connections_whose_ends_mirror_each_other()
     assert (client.role, server.role) == (Role.CLIENT, Role.SERVER)
     assert (client.local, client.remote) == (server.remote, server.local)
     assert server.local.port == 8080
+
+
+def test_churn_why_tells_the_short_blocks_interval() -> None:
+    from bench.reporting import why
+
+    churn = Figure(
+        key="datapath.churn_per_s.tracepoint",
+        title="churn",
+        unit="1/s",
+        method="fake",
+        on=summarise([9000.0]),
+        off=summarise([10000.0]),
+        ratio=summarise([0.9]),
+        target=Target("ratio", ">=", 0.99, ">= 0.99"),
+        details={
+            "hooks_only_ratio": 0.91,
+            "agent_over_hooks": 0.95,
+            "blocks_mean": 0.9312,
+            "blocks_low": 0.9104,
+            "blocks_high": 0.9525,
+            "blocks_pairs": 64,
+        },
+    )
+    assert (
+        "; in 64 short alternating blocks the whole agent keeps 0.931 (95 % interval 0.910-0.953)"
+    ) in why(churn)
+
+
+def test_ratio_interval_is_the_geometric_mean_of_the_pairs() -> None:
+    from bench.stats import ratio_interval
+
+    same = ratio_interval([100.0, 200.0, 50.0], [100.0, 200.0, 50.0])
+    assert (same.mean, same.low, same.high, same.pairs) == (1.0, 1.0, 1.0, 3)
+    # ratios 0.5 and 2: their logs cancel; the interval is exp(+-2 x sd / sqrt(2))
+    wide = ratio_interval([50.0, 200.0], [100.0, 100.0])
+    assert round(wide.mean, 9) == 1.0
+    assert round(wide.low * wide.high, 9) == 1.0 and wide.low < 0.5 < 2 < wide.high
+    try:
+        ratio_interval([1.0], [1.0])
+    except ValueError as error:
+        assert "need 2+ pairs" in str(error)
+    else:
+        raise AssertionError("one pair gave an interval")
+
+
+def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch) -> None:
+    """Every block is preceded by its mode's switch; each server takes whole triplets; the
+    ratios pair each triplet's blocks (fake probe and fake churn: no timing)."""
+    import bench.datapath as datapath
+
+    requests: list[dict] = []
+
+    class FakeProbe:
+        def request(self, command: dict) -> dict:
+            requests.append(command)
+            return {"ok": True}
+
+    state = {"mode": "off"}
+    rate_of = {"off": 100.0, "hooks": 90.0, "agent": 95.0}
+    servers: list[int] = []
+
+    def fake_blocks(blocks, connections, size, client_cpu, server_cpu, before_block):
+        servers.append(blocks)
+        rates = []
+        for block in range(blocks):
+            before_block(block)
+            last = requests[-1]
+            state["mode"] = (
+                "off" if last["cmd"] == "detach" else "agent" if last["accounting"] else "hooks"
+            )
+            rates.append(rate_of[state["mode"]])
+        return rates
+
+    monkeypatch.setattr(datapath, "churn_blocks", fake_blocks)
+    plan = datapath.DatapathPlan(churn_block_triplets=5, churn_blocks_per_server=2)
+    figure = datapath.measure_churn_blocks(FakeProbe(), plan, "tracepoint")
+    assert servers == [6, 6, 3]
+    assert figure.ratio.rounds == (0.95,) * 5
+    assert figure.details["hooks_ratio"]["rounds"] == [0.9] * 5
+    assert round(figure.details["interval_95"]["mean"], 9) == 0.95
+    assert requests[-1] == {"cmd": "attach"}  # the agent left on, as it was found
