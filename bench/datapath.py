@@ -79,8 +79,8 @@ class DatapathPlan:
     rr_pairs: int = 16
     # The churn again in short blocks to one server, the hooks switched between blocks: a
     # pair of churn rounds differs by ~10 % here whether a round is 1,000 or 12,000
-    # connections, so many short blocks judge a ratio better than a few long rounds in the
-    # same time (64 blocks of each mode: ~+-2 % where 16 pairs of 12,000 give ~+-5 %).
+    # connections, so many short blocks judge a ratio better than a few long rounds (64
+    # blocks of each mode: ~+-2 %, where 16 pairs of 12,000 give ~+-5 % from 3x as many).
     churn_block_connections: int = 1_000
     churn_block_triplets: int = 64
     churn_blocks_per_server: int = 16  # triplets per server process (48,000 connections)
@@ -202,6 +202,15 @@ def workloads(plan: DatapathPlan) -> list[_Workload]:
             "closes first, client sees EOF and closes; client CPU 0, server process CPU 1.",
         ),
     ]
+
+
+def _switch(probe: AgentProbe, mode: str) -> None:
+    """Rounds of three modes: ``"off"`` (nothing attached), ``"hooks"`` (attached, the
+    probe only empties the maps) or ``"agent"`` (attached, the whole agent)."""
+    if mode == "off":
+        _off(probe)
+    else:
+        probe.request({"cmd": "attach", "accounting": mode == "agent"})
 
 
 def _on(probe: AgentProbe) -> None:
@@ -397,8 +406,7 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
     try:
         _off(probe)
         for _, mode in rotating(tuple(values), plan.churn_pairs):
-            if mode != "off":
-                probe.request({"cmd": "attach", "accounting": mode == "agent"})
+            _switch(probe, mode)
             probe_before = process_cpu_seconds(probe.pid)
             moved = churn(plan.churn_connections, MESSAGE, CLIENT_CPU, SERVER_CPU)
             probe_seconds = process_cpu_seconds(probe.pid) - probe_before
@@ -457,13 +465,6 @@ def measure_churn_blocks(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
     order = [mode for _, mode in shuffled(modes, plan.churn_block_triplets, seed=1)]
     per_server = len(modes) * plan.churn_blocks_per_server
-
-    def switch(mode: str) -> None:
-        if mode == "off":
-            _off(probe)
-        else:
-            probe.request({"cmd": "attach", "accounting": mode == "agent"})
-
     try:
         for first in range(0, len(order), per_server):
             group = order[first : first + per_server]
@@ -473,7 +474,7 @@ def measure_churn_blocks(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
                 MESSAGE,
                 CLIENT_CPU,
                 SERVER_CPU,
-                lambda block, group=group: switch(group[block]),
+                lambda block, group=group: _switch(probe, group[block]),
             )
             for mode, rate in zip(group, measured, strict=True):
                 rates[mode].append(rate)
@@ -698,7 +699,8 @@ def measure_program_time(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
 
 
 def _pairs(plan: DatapathPlan, work: _Workload) -> int:
-    """On/off pairs for a workload: more where the target sits 1 % off agent-off.
+    """On/off pairs for a workload: more where the target sits a few percent or less off
+    agent-off and single rounds spread as widely (iperf3, request/response, churn).
 
     >>> _pairs(DatapathPlan(), workloads(DatapathPlan())[-1])  # churn
     16

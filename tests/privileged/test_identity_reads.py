@@ -43,8 +43,9 @@ def _folded(address: str) -> str:
     return address.removeprefix("::ffff:")
 
 
-def _by_local_port(tracer: KernelTracer) -> dict[int, SocketSample]:
-    return {sample.local.port: sample for sample in tracer.poll().live}
+def _by_ports(tracer: KernelTracer) -> dict[tuple[int, int], SocketSample]:
+    """Live sockets by (local port, remote port)."""
+    return {(sample.local.port, sample.remote.port): sample for sample in tracer.poll().live}
 
 
 @pytest.mark.parametrize("field_by_field", [False, True], ids=["one-read", "field-by-field"])
@@ -61,27 +62,29 @@ def test_both_ends_identity_is_the_sockets_own(
     netns = os.stat("/proc/self/ns/net").st_ino
     try:
         for family, listen_host, client_family, client_host, connect_host in CASES:
-            with listener(family, listen_host) as lsock:
-                client = socket.socket(client_family, socket.SOCK_STREAM)
+            with listener(family, listen_host) as lsock, socket.socket(client_family) as client:
                 client.bind((client_host, 0))
                 client.connect((connect_host, lsock.getsockname()[1]))
                 server, _ = lsock.accept()
-                send_exact(client, 300)
-                recv_exact(server, 300)
-                live = _by_local_port(own)
-                for sock, role in ((client, Role.CLIENT), (server, Role.SERVER)):
-                    local, remote = sock.getsockname(), sock.getpeername()
-                    sample = live[local[1]]
-                    assert (sample.local.address, sample.local.port) == (
-                        _folded(local[0]),
-                        local[1],
-                    )
-                    assert (sample.remote.address, sample.remote.port) == (
-                        _folded(remote[0]),
-                        remote[1],
-                    )
-                    assert (sample.role, sample.netns, sample.pid) == (role, netns, os.getpid())
-                client.close()
-                server.close()
+                with server:
+                    send_exact(client, 300)
+                    recv_exact(server, 300)
+                    live = _by_ports(own)
+                    for sock, role in ((client, Role.CLIENT), (server, Role.SERVER)):
+                        local, remote = sock.getsockname(), sock.getpeername()
+                        sample = live[(local[1], remote[1])]
+                        assert (sample.local.address, sample.local.port) == (
+                            _folded(local[0]),
+                            local[1],
+                        )
+                        assert (sample.remote.address, sample.remote.port) == (
+                            _folded(remote[0]),
+                            remote[1],
+                        )
+                        assert (sample.role, sample.netns, sample.pid) == (
+                            role,
+                            netns,
+                            os.getpid(),
+                        )
     finally:
         own.close()
