@@ -82,8 +82,10 @@ class DatapathPlan:
     # connections, so many short blocks judge a ratio better than a few long rounds (64
     # blocks of each mode: ~+-2 %, where 16 pairs of 12,000 give ~+-5 % from 3x as many).
     churn_block_connections: int = 1_000
-    churn_block_triplets: int = 64
-    churn_blocks_per_server: int = 16  # triplets per server process (48,000 connections)
+    # a set: one block of each mode (off, hooks, agent; and the empty programs on the
+    # tracepoint backend)
+    churn_block_sets: int = 64
+    churn_sets_per_server: int = 16  # sets per server process (64,000 connections)
     iperf_seconds: float = 2.0
     peer_rounds: int = 5
     peer_churn_connections: int = 600
@@ -456,15 +458,45 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
     )
 
 
+class _BlockModes:
+    """Switches the churn blocks' modes: ``"off"``, ``"hooks"`` and ``"agent"`` through the
+    probe (:func:`_switch`), and ``"empty"``: tcpacct detached and ``empty``'s program
+    attached where tcpacct attaches its programs (``hooks``). Close it when done."""
+
+    def __init__(self, probe: AgentProbe, empty: EmptyHooks | None, hooks: Sequence[str]):
+        self.probe, self.empty, self.hooks = probe, empty, tuple(hooks)
+        self._attached = contextlib.ExitStack()
+
+    def __call__(self, mode: str) -> None:
+        self._attached.close()  # the empty programs off, if they were on
+        if mode != "empty":
+            _switch(self.probe, mode)
+            return
+        if self.empty is None:
+            raise ValueError("no empty program to attach")
+        _off(self.probe)
+        self._attached.enter_context(self.empty.attached(self.hooks))
+
+    def close(self) -> None:
+        self._attached.close()
+        if self.empty is not None:
+            self.empty.close()
+
+
 def measure_churn_blocks(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
-    """The churn in short blocks of connections to one server process, nothing attached,
-    the hooks alone or the whole agent per block (switched between blocks, each triplet of
-    blocks in an order of its own): the agent's churn ratio with an interval, from many
-    more pairs than the churn figure's rounds give in the same time."""
-    modes = ("off", "hooks", "agent")
+    """The churn in short blocks of connections to one server process, per block nothing
+    attached, an empty program on tcpacct's attachments (tracepoint backend: the floor of
+    its hooks), the hooks alone or the whole agent, switched between blocks, each set of
+    blocks in an order of its own: the agent's churn ratio and the floor's, with intervals,
+    from many more pairs than the churn figure's rounds give in the same time."""
+    floor = backend == "tracepoint"
+    modes = ("off", "empty", "hooks", "agent") if floor else ("off", "hooks", "agent")
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
-    order = [mode for _, mode in shuffled(modes, plan.churn_block_triplets, seed=1)]
-    per_server = len(modes) * plan.churn_blocks_per_server
+    order = [mode for _, mode in shuffled(modes, plan.churn_block_sets, seed=1)]
+    per_server = len(modes) * plan.churn_sets_per_server
+    switch = _BlockModes(
+        probe, EmptyHooks() if floor else None, tcpacct_attachments() if floor else ()
+    )
     try:
         for first in range(0, len(order), per_server):
             group = order[first : first + per_server]
@@ -474,36 +506,53 @@ def measure_churn_blocks(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
                 MESSAGE,
                 CLIENT_CPU,
                 SERVER_CPU,
-                lambda block, group=group: _switch(probe, group[block]),
+                lambda block, group=group: switch(group[block]),
             )
             for mode, rate in zip(group, measured, strict=True):
                 rates[mode].append(rate)
     finally:
+        switch.close()
         _on(probe)
     agent = ratio_interval(rates["agent"], rates["off"])
     hooks = ratio_interval(rates["hooks"], rates["off"])
+    details: dict[str, Any] = {
+        "interval_95": agent.as_dict(),
+        "hooks_ratio": paired_ratio(rates["hooks"], rates["off"]).as_dict(),
+        "hooks_interval_95": hooks.as_dict(),
+    }
+    empty_method = ""
+    if floor:
+        details["empty_ratio"] = paired_ratio(rates["empty"], rates["off"]).as_dict()
+        details["empty_interval_95"] = ratio_interval(rates["empty"], rates["off"]).as_dict()
+        details["agent_over_empty_interval_95"] = ratio_interval(
+            rates["agent"], rates["empty"]
+        ).as_dict()
+        empty_method = (
+            ", a two-instruction raw-tracepoint program (r0 = 0; exit) attached where "
+            f"tcpacct's tracepoint backend attaches its programs ({', '.join(switch.hooks)}; "
+            "tcpacct detached: the floor of these hooks)"
+        )
+    details["backend"] = backend
+    sets = "triplets" if len(modes) == 3 else "sets of four"
     return Figure(
         key=f"datapath.churn_per_s.blocks.{backend}",
         title="connect/send/close churn, connections/s, in short alternating blocks",
         unit="1/s",
-        method=f"{plan.churn_block_triplets} triplets of blocks of "
+        method=f"{plan.churn_block_sets} {sets} of blocks of "
         f"{plan.churn_block_connections} connections (connect, send 64 bytes, the server "
         f"reads and closes first; client CPU {CLIENT_CPU}, server process CPU {SERVER_CPU}), "
-        f"one server process per {plan.churn_blocks_per_server} triplets; per block nothing "
-        "attached (off), the hooks alone (the probe empties the maps, decodes nothing) or "
-        "the whole agent, switched between blocks (not timed), each triplet in a seeded "
-        "random order of its own. Ratios per triplet against its off block; "
+        f"one server process per {plan.churn_sets_per_server} sets; per block nothing "
+        f"attached (off){empty_method}, the hooks alone (the probe empties the maps, "
+        "decodes nothing) or the whole agent, switched between blocks (not timed), each set "
+        "in a seeded random order of its own. Ratios per set against its off block; "
         "details.interval_95: the geometric mean of those ratios +- 2 standard errors of "
-        "their logs (details.hooks_interval_95 for the hooks alone).",
+        "their logs (details.hooks_interval_95 for the hooks alone, "
+        "details.empty_interval_95 for the empty programs, "
+        "details.agent_over_empty_interval_95: the agent against the empty programs).",
         on=summarise(rates["agent"]),
         off=summarise(rates["off"]),
         ratio=paired_ratio(rates["agent"], rates["off"]),
-        details={
-            "interval_95": agent.as_dict(),
-            "hooks_ratio": paired_ratio(rates["hooks"], rates["off"]).as_dict(),
-            "hooks_interval_95": hooks.as_dict(),
-            "backend": backend,
-        },
+        details=details,
     )
 
 
@@ -763,6 +812,13 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
         "blocks_high": interval["high"],
         "blocks_pairs": interval["pairs"],
     })  # fmt: skip
+    if "empty_interval_95" in blocks.details:
+        floor_interval = blocks.details["empty_interval_95"]
+        _add_details(figures, f"datapath.churn_per_s.{backend}", {
+            "blocks_empty_mean": floor_interval["mean"],
+            "blocks_empty_low": floor_interval["low"],
+            "blocks_empty_high": floor_interval["high"],
+        })  # fmt: skip
     split = measure_churn_split(probe, plan, backend)
     figures.append(split)
     if split.ratio:

@@ -146,6 +146,11 @@ def why(figure: Figure) -> str:
                 f"{d['blocks_mean']:.3f} (95 % interval {d['blocks_low']:.3f}-"
                 f"{d['blocks_high']:.3f})"
             )
+            if "blocks_empty_mean" in d:
+                split += (
+                    f" and an empty program on its hooks {d['blocks_empty_mean']:.3f} "
+                    f"({d['blocks_empty_low']:.3f}-{d['blocks_empty_high']:.3f})"
+                )
         kernel = _churn_kernel_budget(figure)
         if kernel:
             return f"{kernel}; {split}{_beyond_the_count(figure)}"

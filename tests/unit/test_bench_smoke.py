@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from bench.accuracy import compare, exact_fraction, sums
 from bench.figures import Figure, Omitted, Target, figure_from_dict
 from bench.iperf import parse_report
@@ -422,6 +424,11 @@ def test_churn_why_tells_the_short_blocks_interval() -> None:
     assert (
         "; in 64 short alternating blocks the whole agent keeps 0.931 (95 % interval 0.910-0.953)"
     ) in why(churn)
+    churn.details.update(blocks_empty_mean=0.9712, blocks_empty_low=0.9655, blocks_empty_high=0.977)
+    assert (
+        "keeps 0.931 (95 % interval 0.910-0.953) and an empty program on its hooks 0.971 "
+        "(0.966-0.977)"
+    ) in why(churn)
 
 
 def test_ratio_interval_is_the_geometric_mean_of_the_pairs() -> None:
@@ -441,20 +448,37 @@ def test_ratio_interval_is_the_geometric_mean_of_the_pairs() -> None:
         raise AssertionError("one pair gave an interval")
 
 
-def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch) -> None:
-    """Every block is preceded by its mode's switch; each server takes whole triplets; the
-    ratios pair each triplet's blocks (fake probe and fake churn: no timing)."""
+@pytest.mark.parametrize("backend", ["tracepoint", "fentry"])
+def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch, backend) -> None:
+    """Every block is preceded by its mode's switch; each server takes whole sets; the
+    ratios pair each set's blocks; the empty programs (tracepoint backend only) are on only
+    in their blocks, with tcpacct detached (fake probe, programs and churn: no timing)."""
+    import contextlib
+
     import bench.datapath as datapath
 
     requests: list[dict] = []
+    empty_on: list[tuple[str, ...]] = []
+    closed: list[bool] = []
 
     class FakeProbe:
         def request(self, command: dict) -> dict:
             requests.append(command)
             return {"ok": True}
 
-    state = {"mode": "off"}
-    rate_of = {"off": 100.0, "hooks": 90.0, "agent": 95.0}
+    class FakeEmptyHooks:
+        @contextlib.contextmanager
+        def attached(self, hooks):
+            empty_on.append(tuple(hooks))
+            try:
+                yield
+            finally:
+                empty_on.pop()
+
+        def close(self) -> None:
+            closed.append(True)
+
+    rate_of = {"off": 100.0, "empty": 98.0, "hooks": 90.0, "agent": 95.0}
     servers: list[int] = []
 
     def fake_blocks(blocks, connections, size, client_cpu, server_cpu, before_block):
@@ -463,17 +487,33 @@ def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch) -> None
         for block in range(blocks):
             before_block(block)
             last = requests[-1]
-            state["mode"] = (
-                "off" if last["cmd"] == "detach" else "agent" if last["accounting"] else "hooks"
-            )
-            rates.append(rate_of[state["mode"]])
+            if empty_on:
+                assert last["cmd"] == "detach" and empty_on == [("a", "a", "b")]
+                mode = "empty"
+            elif last["cmd"] == "detach":
+                mode = "off"
+            else:
+                mode = "agent" if last["accounting"] else "hooks"
+            rates.append(rate_of[mode])
         return rates
 
     monkeypatch.setattr(datapath, "churn_blocks", fake_blocks)
-    plan = datapath.DatapathPlan(churn_block_triplets=5, churn_blocks_per_server=2)
-    figure = datapath.measure_churn_blocks(FakeProbe(), plan, "tracepoint")
-    assert servers == [6, 6, 3]
+    monkeypatch.setattr(datapath, "EmptyHooks", FakeEmptyHooks)
+    monkeypatch.setattr(datapath, "tcpacct_attachments", lambda: ("a", "a", "b"))
+    plan = datapath.DatapathPlan(churn_block_sets=5, churn_sets_per_server=2)
+    figure = datapath.measure_churn_blocks(FakeProbe(), plan, backend)
+    modes = 4 if backend == "tracepoint" else 3
+    assert servers == [2 * modes, 2 * modes, modes]
     assert figure.ratio.rounds == (0.95,) * 5
     assert figure.details["hooks_ratio"]["rounds"] == [0.9] * 5
     assert round(figure.details["interval_95"]["mean"], 9) == 0.95
+    if backend == "tracepoint":
+        assert figure.details["empty_ratio"]["rounds"] == [0.98] * 5
+        assert round(figure.details["empty_interval_95"]["mean"], 9) == 0.98
+        over = figure.details["agent_over_empty_interval_95"]["mean"]
+        assert round(over, 9) == round(95 / 98, 9)
+        assert closed == [True]
+    else:
+        assert "empty_ratio" not in figure.details and closed == []
+    assert empty_on == []  # the empty programs detached at the end
     assert requests[-1] == {"cmd": "attach"}  # the agent left on, as it was found
