@@ -775,6 +775,8 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
             "seconds": round(time.monotonic() - started, 1),
             "round_seconds": summarise(series.round_seconds).as_dict(),
         }
+        if len(series.on) >= 2:  # the median's pairs, judged as the short blocks are
+            details["interval_95"] = ratio_interval(series.on, series.off).as_dict()
         if work.added:
             on_mean, off_mean = series.mean_ns["on"], series.mean_ns["off"]
             details["mean_ns_per_call"] = {

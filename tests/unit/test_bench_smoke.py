@@ -517,3 +517,28 @@ def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch, backend
         assert "empty_ratio" not in figure.details and closed == []
     assert empty_on == []  # the empty programs detached at the end
     assert requests[-1] == {"cmd": "attach"}  # the agent left on, as it was found
+
+
+def test_why_of_a_missed_ratio_tells_its_interval() -> None:
+    """A missed ratio target with its pairs' interval: whether the bound lies inside it."""
+    from bench.reporting import why
+
+    def iperf(low: float, high: float, rounds: list[float]) -> Figure:
+        return Figure(
+            key="datapath.iperf3_128k_gbps.tracepoint",
+            title="iperf3",
+            unit="Gbit/s",
+            method="fake",
+            on=summarise([19.0]),
+            off=summarise([20.0]),
+            ratio=summarise(rounds),
+            target=Target("ratio", ">=", 0.99, ">= 0.99"),
+            details={"interval_95": {"mean": 0.959, "low": low, "high": high, "pairs": 16}},
+        )
+
+    assert why(iperf(0.921, 1.004, [0.95, 0.96, 0.97])) == (
+        "the 16 pairs' geometric mean 0.959, 95 % interval 0.921-1.004, holds the bound 0.99"
+    )
+    spread = why(iperf(0.931, 0.979, [0.51, 0.96, 1.07]))
+    assert spread.startswith("per-round ratios disagree")
+    assert spread.endswith("95 % interval 0.931-0.979, lies wholly on one side of the bound 0.99")
