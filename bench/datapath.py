@@ -82,10 +82,10 @@ class DatapathPlan:
     # connections, so many short blocks judge a ratio better than a few long rounds (64
     # blocks of each mode: ~+-2 %, where 16 pairs of 12,000 give ~+-5 % from 3x as many).
     churn_block_connections: int = 1_000
-    # a set: one block of each mode (off, hooks, agent; and the empty programs on the
-    # tracepoint backend)
+    # a set: one block of each mode (off, hooks, agent; on the tracepoint backend also the
+    # empty programs, the lean variant and its empty programs)
     churn_block_sets: int = 64
-    churn_sets_per_server: int = 16  # sets per server process (64,000 connections)
+    churn_sets_per_server: int = 16  # sets per server process (96,000 connections)
     iperf_seconds: float = 2.0
     peer_rounds: int = 5
     peer_churn_connections: int = 600
@@ -458,24 +458,44 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
     )
 
 
+LEAN_WITHOUT = ("inet_sock_set_state",)
+
+
 class _BlockModes:
     """Switches the churn blocks' modes: ``"off"``, ``"hooks"`` and ``"agent"`` through the
-    probe (:func:`_switch`), and ``"empty"``: tcpacct detached and ``empty``'s program
-    attached where tcpacct attaches its programs (``hooks``). Close it when done."""
+    probe (:func:`_switch`); ``"lean"``: the hooks alone but those on ``LEAN_WITHOUT``
+    (tcpacct's programs without its state-change hooks: entries made at a socket's first
+    byte, retired at its destroy); ``"empty"`` and ``"empty_lean"``: tcpacct detached and
+    ``empty``'s program attached where tcpacct attaches its programs (``hooks``) or where
+    the lean variant does (``lean_hooks``). Close it when done."""
 
-    def __init__(self, probe: AgentProbe, empty: EmptyHooks | None, hooks: Sequence[str]):
-        self.probe, self.empty, self.hooks = probe, empty, tuple(hooks)
+    def __init__(
+        self,
+        probe: AgentProbe,
+        empty: EmptyHooks | None,
+        hooks: Sequence[str],
+        lean_hooks: Sequence[str] = (),
+    ):
+        self.probe, self.empty = probe, empty
+        self.hooks, self.lean_hooks = tuple(hooks), tuple(lean_hooks)
         self._attached = contextlib.ExitStack()
+        self._mode = ""
 
     def __call__(self, mode: str) -> None:
         self._attached.close()  # the empty programs off, if they were on
-        if mode != "empty":
+        if mode == "lean" or self._mode == "lean":
+            _off(self.probe)  # the probe attaches only what is detached
+        self._mode = mode
+        if mode == "lean":
+            self.probe.request({"cmd": "attach", "accounting": False, "without": LEAN_WITHOUT})
+        elif mode in ("empty", "empty_lean"):
+            if self.empty is None:
+                raise ValueError("no empty program to attach")
+            _off(self.probe)
+            hooks = self.hooks if mode == "empty" else self.lean_hooks
+            self._attached.enter_context(self.empty.attached(hooks))
+        else:
             _switch(self.probe, mode)
-            return
-        if self.empty is None:
-            raise ValueError("no empty program to attach")
-        _off(self.probe)
-        self._attached.enter_context(self.empty.attached(self.hooks))
 
     def close(self) -> None:
         self._attached.close()
@@ -485,18 +505,22 @@ class _BlockModes:
 
 def measure_churn_blocks(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
     """The churn in short blocks of connections to one server process, per block nothing
-    attached, an empty program on tcpacct's attachments (tracepoint backend: the floor of
-    its hooks), the hooks alone or the whole agent, switched between blocks, each set of
-    blocks in an order of its own: the agent's churn ratio and the floor's, with intervals,
+    attached, the hooks alone or the whole agent, and on the tracepoint backend also an
+    empty program on tcpacct's attachments (the floor of its hooks), tcpacct's programs
+    without the state-change hooks (``"lean"``: a design that makes entries at the first
+    byte) and an empty program on those (its floor); switched between blocks, each set of
+    blocks in an order of its own: the agent's churn ratio and the others', with intervals,
     from many more pairs than the churn figure's rounds give in the same time."""
-    floor = backend == "tracepoint"
-    modes = ("off", "empty", "hooks", "agent") if floor else ("off", "hooks", "agent")
+    variants = backend == "tracepoint"
+    modes: tuple[str, ...] = ("off", "hooks", "agent")
+    if variants:
+        modes = ("off", "empty", "hooks", "agent", "lean", "empty_lean")
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
     order = [mode for _, mode in shuffled(modes, plan.churn_block_sets, seed=1)]
     per_server = len(modes) * plan.churn_sets_per_server
-    switch = _BlockModes(
-        probe, EmptyHooks() if floor else None, tcpacct_attachments() if floor else ()
-    )
+    hooks = tcpacct_attachments() if variants else ()
+    lean_hooks = tuple(hook for hook in hooks if hook not in LEAN_WITHOUT)
+    switch = _BlockModes(probe, EmptyHooks() if variants else None, hooks, lean_hooks)
     try:
         for first in range(0, len(order), per_server):
             group = order[first : first + per_server]
@@ -513,42 +537,51 @@ def measure_churn_blocks(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
     finally:
         switch.close()
         _on(probe)
-    agent = ratio_interval(rates["agent"], rates["off"])
-    hooks = ratio_interval(rates["hooks"], rates["off"])
+
+    def interval(on: str, off: str = "off") -> dict[str, float]:
+        return ratio_interval(rates[on], rates[off]).as_dict()
+
     details: dict[str, Any] = {
-        "interval_95": agent.as_dict(),
+        "interval_95": interval("agent"),
         "hooks_ratio": paired_ratio(rates["hooks"], rates["off"]).as_dict(),
-        "hooks_interval_95": hooks.as_dict(),
+        "hooks_interval_95": interval("hooks"),
     }
-    empty_method = ""
-    if floor:
-        details["empty_ratio"] = paired_ratio(rates["empty"], rates["off"]).as_dict()
-        details["empty_interval_95"] = ratio_interval(rates["empty"], rates["off"]).as_dict()
-        details["agent_over_empty_interval_95"] = ratio_interval(
-            rates["agent"], rates["empty"]
-        ).as_dict()
-        empty_method = (
-            ", a two-instruction raw-tracepoint program (r0 = 0; exit) attached where "
-            f"tcpacct's tracepoint backend attaches its programs ({', '.join(switch.hooks)}; "
-            "tcpacct detached: the floor of these hooks)"
+    variants_method = ""
+    if variants:
+        details.update({
+            "empty_ratio": paired_ratio(rates["empty"], rates["off"]).as_dict(),
+            "empty_interval_95": interval("empty"),
+            "agent_over_empty_interval_95": interval("agent", "empty"),
+            "lean_interval_95": interval("lean"),
+            "empty_lean_interval_95": interval("empty_lean"),
+            "lean_over_empty_lean_interval_95": interval("lean", "empty_lean"),
+            "lean_without": list(LEAN_WITHOUT),
+        })  # fmt: skip
+        variants_method = (
+            "; and an empty two-instruction raw-tracepoint program (r0 = 0; exit) attached "
+            f"where tcpacct's tracepoint backend attaches its programs ({', '.join(hooks)}; "
+            "tcpacct detached: the floor of these hooks, details.empty_interval_95; "
+            "details.agent_over_empty_interval_95: the agent against it), tcpacct's own "
+            f"programs as the hooks alone but none on {', '.join(LEAN_WITHOUT)} (lean: "
+            "entries made at a socket's first byte and retired at its destroy, a design "
+            "without state-change hooks; details.lean_interval_95), and the empty program "
+            f"where that variant attaches ({', '.join(lean_hooks)}: its floor, "
+            "details.empty_lean_interval_95)"
         )
     details["backend"] = backend
-    sets = "triplets" if len(modes) == 3 else "sets of four"
     return Figure(
         key=f"datapath.churn_per_s.blocks.{backend}",
         title="connect/send/close churn, connections/s, in short alternating blocks",
         unit="1/s",
-        method=f"{plan.churn_block_sets} {sets} of blocks of "
+        method=f"{plan.churn_block_sets} sets of {len(modes)} blocks of "
         f"{plan.churn_block_connections} connections (connect, send 64 bytes, the server "
         f"reads and closes first; client CPU {CLIENT_CPU}, server process CPU {SERVER_CPU}), "
         f"one server process per {plan.churn_sets_per_server} sets; per block nothing "
-        f"attached (off){empty_method}, the hooks alone (the probe empties the maps, "
-        "decodes nothing) or the whole agent, switched between blocks (not timed), each set "
+        "attached (off), the hooks alone (the probe empties the maps, decodes nothing) or "
+        f"the whole agent{variants_method}; switched between blocks (not timed), each set "
         "in a seeded random order of its own. Ratios per set against its off block; "
-        "details.interval_95: the geometric mean of those ratios +- 2 standard errors of "
-        "their logs (details.hooks_interval_95 for the hooks alone, "
-        "details.empty_interval_95 for the empty programs, "
-        "details.agent_over_empty_interval_95: the agent against the empty programs).",
+        "details.interval_95: the agent's, the geometric mean of those ratios +- 2 standard "
+        "errors of their logs (details.hooks_interval_95 for the hooks alone).",
         on=summarise(rates["agent"]),
         off=summarise(rates["off"]),
         ratio=paired_ratio(rates["agent"], rates["off"]),
@@ -814,13 +847,14 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
         "blocks_high": interval["high"],
         "blocks_pairs": interval["pairs"],
     })  # fmt: skip
-    if "empty_interval_95" in blocks.details:
-        floor_interval = blocks.details["empty_interval_95"]
-        _add_details(figures, f"datapath.churn_per_s.{backend}", {
-            "blocks_empty_mean": floor_interval["mean"],
-            "blocks_empty_low": floor_interval["low"],
-            "blocks_empty_high": floor_interval["high"],
-        })  # fmt: skip
+    for variant in ("empty", "lean", "empty_lean"):
+        if f"{variant}_interval_95" in blocks.details:
+            variant_interval = blocks.details[f"{variant}_interval_95"]
+            _add_details(figures, f"datapath.churn_per_s.{backend}", {
+                f"blocks_{variant}_mean": variant_interval["mean"],
+                f"blocks_{variant}_low": variant_interval["low"],
+                f"blocks_{variant}_high": variant_interval["high"],
+            })  # fmt: skip
     split = measure_churn_split(probe, plan, backend)
     figures.append(split)
     if split.ratio:

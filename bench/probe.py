@@ -34,7 +34,8 @@ command                             answer
 ``{"cmd": "attach"}``               attach again (lifecycle hooks first) and resume polling;
                                     ``"accounting": false``: the poller only empties the
                                     ``changed`` map and closed records (hooks-only
-                                    rounds)
+                                    rounds); ``"without": ["inet_sock_set_state"]``: those
+                                    tracepoints' hooks stay detached (a design variant)
 ``{"cmd": "run_time_stats",``       the kernel's per-program run time on or off (BPF_ENABLE_STATS;
 ``"on": true}``                     off again at quit)
 ``{"cmd": "program_stats"}``        ``{"programs": {"on_send": {"run_ns", "runs",
@@ -324,8 +325,9 @@ class ProbedAgent:
             self.tracer.detach_hooks()
             self.attached.clear()
 
-    def attach(self, accounting: bool = True) -> None:
-        """Attach the hooks; with ``accounting`` False the poller only empties the maps."""
+    def attach(self, accounting: bool = True, without: tuple[str, ...] = ()) -> None:
+        """Attach the hooks (but those on ``without``'s tracepoints; only when detached
+        before); with ``accounting`` False the poller only empties the maps."""
         with self.lock:
             if accounting and not self.accounting:
                 # what hooks-only rounds threw away: read the whole socket map next poll
@@ -333,7 +335,7 @@ class ProbedAgent:
             self.accounting = accounting
             if self.attached.is_set():
                 return
-            self.tracer.attach_hooks()
+            self.tracer.attach_hooks(without)
             self.attached.set()
 
     def run_time_stats(self, on: bool) -> None:
@@ -404,7 +406,10 @@ def serve(agent: ProbedAgent) -> None:
             agent.detach()
             _answer({"ok": True})
         elif name == "attach":
-            agent.attach(accounting=bool(command.get("accounting", True)))
+            agent.attach(
+                accounting=bool(command.get("accounting", True)),
+                without=tuple(command.get("without", ())),
+            )
             _answer({"ok": True})
         elif name == "quit":
             break

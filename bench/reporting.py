@@ -151,6 +151,14 @@ def why(figure: Figure) -> str:
                     f" and an empty program on its hooks {d['blocks_empty_mean']:.3f} "
                     f"({d['blocks_empty_low']:.3f}-{d['blocks_empty_high']:.3f})"
                 )
+            if "blocks_lean_mean" in d and "blocks_empty_lean_mean" in d:
+                split += (
+                    f"; without its state-change hooks (entries made at the first byte) the "
+                    f"hooks keep {d['blocks_lean_mean']:.3f} ({d['blocks_lean_low']:.3f}-"
+                    f"{d['blocks_lean_high']:.3f}), an empty program where that variant "
+                    f"attaches {d['blocks_empty_lean_mean']:.3f} "
+                    f"({d['blocks_empty_lean_low']:.3f}-{d['blocks_empty_lean_high']:.3f})"
+                )
         kernel = _churn_kernel_budget(figure)
         if kernel:
             return f"{kernel}; {split}{_beyond_the_count(figure)}"

@@ -429,6 +429,15 @@ def test_churn_why_tells_the_short_blocks_interval() -> None:
         "keeps 0.931 (95 % interval 0.910-0.953) and an empty program on its hooks 0.971 "
         "(0.966-0.977)"
     ) in why(churn)
+    churn.details.update(
+        blocks_lean_mean=0.951, blocks_lean_low=0.94, blocks_lean_high=0.962,
+        blocks_empty_lean_mean=0.99, blocks_empty_lean_low=0.978, blocks_empty_lean_high=1.002,
+    )  # fmt: skip
+    assert (
+        "(0.966-0.977); without its state-change hooks (entries made at the first byte) the "
+        "hooks keep 0.951 (0.940-0.962), an empty program where that variant attaches 0.990 "
+        "(0.978-1.002)"
+    ) in why(churn)
 
 
 def test_ratio_interval_is_the_geometric_mean_of_the_pairs() -> None:
@@ -451,19 +460,30 @@ def test_ratio_interval_is_the_geometric_mean_of_the_pairs() -> None:
 @pytest.mark.parametrize("backend", ["tracepoint", "fentry"])
 def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch, backend) -> None:
     """Every block is preceded by its mode's switch; each server takes whole sets; the
-    ratios pair each set's blocks; the empty programs (tracepoint backend only) are on only
-    in their blocks, with tcpacct detached (fake probe, programs and churn: no timing)."""
+    ratios pair each set's blocks; the empty programs and the lean variant (tracepoint
+    backend only) are on only in their blocks, the empty programs with tcpacct detached, the
+    lean variant without its state-change hooks (fake probe, programs and churn: no
+    timing). The fake probe attaches only when detached, as the real one does."""
     import contextlib
 
     import bench.datapath as datapath
 
     requests: list[dict] = []
+    probe_state: list[tuple[bool, tuple[str, ...]] | None] = [None]  # (accounting, without)
     empty_on: list[tuple[str, ...]] = []
     closed: list[bool] = []
+    six = ("inet_sock_set_state", "inet_sock_set_state", "tcp_destroy_sock")
 
     class FakeProbe:
         def request(self, command: dict) -> dict:
             requests.append(command)
+            if command["cmd"] == "detach":
+                probe_state[0] = None
+            elif command["cmd"] == "attach":
+                accounting = command.get("accounting", True)
+                held = probe_state[0]
+                without = tuple(command.get("without", ())) if held is None else held[1]
+                probe_state[0] = (accounting, without)
             return {"ok": True}
 
     class FakeEmptyHooks:
@@ -478,7 +498,8 @@ def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch, backend
         def close(self) -> None:
             closed.append(True)
 
-    rate_of = {"off": 100.0, "empty": 98.0, "hooks": 90.0, "agent": 95.0}
+    rate_of = {"off": 100.0, "empty": 98.0, "hooks": 90.0, "agent": 95.0, "lean": 93.0}
+    rate_of["empty_lean"] = 99.0
     servers: list[int] = []
 
     def fake_blocks(blocks, connections, size, client_cpu, server_cpu, before_block):
@@ -486,32 +507,38 @@ def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch, backend
         rates = []
         for block in range(blocks):
             before_block(block)
-            last = requests[-1]
+            state = probe_state[0]
             if empty_on:
-                assert last["cmd"] == "detach" and empty_on == [("a", "a", "b")]
-                mode = "empty"
-            elif last["cmd"] == "detach":
+                assert state is None and len(empty_on) == 1
+                mode = {six: "empty", ("tcp_destroy_sock",): "empty_lean"}[empty_on[0]]
+            elif state is None:
                 mode = "off"
+            elif state[1]:
+                assert state == (False, ("inet_sock_set_state",))
+                mode = "lean"
             else:
-                mode = "agent" if last["accounting"] else "hooks"
+                mode = "agent" if state[0] else "hooks"
             rates.append(rate_of[mode])
         return rates
 
     monkeypatch.setattr(datapath, "churn_blocks", fake_blocks)
     monkeypatch.setattr(datapath, "EmptyHooks", FakeEmptyHooks)
-    monkeypatch.setattr(datapath, "tcpacct_attachments", lambda: ("a", "a", "b"))
+    monkeypatch.setattr(datapath, "tcpacct_attachments", lambda: six)
     plan = datapath.DatapathPlan(churn_block_sets=5, churn_sets_per_server=2)
     figure = datapath.measure_churn_blocks(FakeProbe(), plan, backend)
-    modes = 4 if backend == "tracepoint" else 3
+    modes = 6 if backend == "tracepoint" else 3
     assert servers == [2 * modes, 2 * modes, modes]
     assert figure.ratio.rounds == (0.95,) * 5
     assert figure.details["hooks_ratio"]["rounds"] == [0.9] * 5
     assert round(figure.details["interval_95"]["mean"], 9) == 0.95
     if backend == "tracepoint":
-        assert figure.details["empty_ratio"]["rounds"] == [0.98] * 5
-        assert round(figure.details["empty_interval_95"]["mean"], 9) == 0.98
-        over = figure.details["agent_over_empty_interval_95"]["mean"]
-        assert round(over, 9) == round(95 / 98, 9)
+        d = figure.details
+        assert d["empty_ratio"]["rounds"] == [0.98] * 5
+        assert round(d["empty_interval_95"]["mean"], 9) == 0.98
+        assert round(d["agent_over_empty_interval_95"]["mean"], 9) == round(95 / 98, 9)
+        assert round(d["lean_interval_95"]["mean"], 9) == 0.93
+        assert round(d["empty_lean_interval_95"]["mean"], 9) == 0.99
+        assert round(d["lean_over_empty_lean_interval_95"]["mean"], 9) == round(93 / 99, 9)
         assert closed == [True]
     else:
         assert "empty_ratio" not in figure.details and closed == []
