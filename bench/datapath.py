@@ -483,18 +483,17 @@ class _BlockModes:
 
     def __call__(self, mode: str) -> None:
         self._attached.close()  # the empty programs off, if they were on
-        if mode == "lean" or self._mode == "lean":
-            _off(self.probe)  # the probe attaches only what is detached
+        empty_hooks = {"empty": self.hooks, "empty_lean": self.lean_hooks}.get(mode)
+        if mode in ("off", "lean") or self._mode == "lean" or empty_hooks is not None:
+            _off(self.probe)  # tcpacct off; the probe attaches only what is detached
         self._mode = mode
         if mode == "lean":
             self.probe.request({"cmd": "attach", "accounting": False, "without": LEAN_WITHOUT})
-        elif mode in ("empty", "empty_lean"):
+        elif empty_hooks is not None:
             if self.empty is None:
                 raise ValueError("no empty program to attach")
-            _off(self.probe)
-            hooks = self.hooks if mode == "empty" else self.lean_hooks
-            self._attached.enter_context(self.empty.attached(hooks))
-        else:
+            self._attached.enter_context(self.empty.attached(empty_hooks))
+        elif mode != "off":
             _switch(self.probe, mode)
 
     def close(self) -> None:

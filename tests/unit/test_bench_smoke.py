@@ -18,6 +18,22 @@ from bench.workloads import Moved
 MACHINE = {"nproc": 2, "memory_mib": 1024, "kernel": "6.18.0", "python": "3.11", "bcc": "0.26"}
 
 
+def _churn_figure(**details: object) -> Figure:
+    """The churn figure as measure_datapath leaves it: 100 us a connection agent-off, 0.9
+    kept, the 0.99 target, and ``details``."""
+    return Figure(
+        key="datapath.churn_per_s.tracepoint",
+        title="churn",
+        unit="1/s",
+        method="fake",
+        on=summarise([9000.0]),
+        off=summarise([10000.0]),  # 100 us per connection agent-off
+        ratio=summarise([0.9]),
+        target=Target("ratio", ">=", 0.99, ">= 0.99"),
+        details=dict(details),
+    )
+
+
 def test_summary_and_pairs() -> None:
     spread = summarise([4.0, 1.0, 3.0, 2.0])
     assert (spread.median, spread.min, spread.max, spread.q1, spread.q3) == (
@@ -195,22 +211,12 @@ def test_shuffled_rounds_hold_every_mode_once_in_orders_of_their_own() -> None:
 def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
     from bench.reporting import why
 
-    churn = Figure(
-        key="datapath.churn_per_s.tracepoint",
-        title="churn",
-        unit="1/s",
-        method="fake",
-        on=summarise([9000.0]),
-        off=summarise([10000.0]),  # 100 us per connection agent-off
-        ratio=summarise([0.9]),
-        target=Target("ratio", ">=", 0.99, ">= 0.99"),
-        details={
-            "hooks_only_ratio": 0.91,
-            "agent_over_hooks": 0.95,
-            "bpf_us_per_connection": 6.0,
-            "program_runs_per_connection": 30.0,
-            "dispatch_ns_per_run": 100.0,  # 30 runs x 100 ns = 3 us
-        },
+    churn = _churn_figure(
+        hooks_only_ratio=0.91,
+        agent_over_hooks=0.95,
+        bpf_us_per_connection=6.0,
+        program_runs_per_connection=30.0,
+        dispatch_ns_per_run=100.0,  # 30 runs x 100 ns = 3 us
     )
     text = why(churn)
     assert "runs tcpacct's programs 30 times" in text
@@ -226,30 +232,30 @@ def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
         "time and dispatch"
     )
     assert "where tcpacct's are keeps" not in text  # no floor measured: none is told
-    floored = Figure(**{**{f: getattr(churn, f) for f in churn.__slots__}, "details": {
+    floored = _churn_figure(**{
         **churn.details, "empty_programs_ratio": 0.967, "empty_minimal_ratio": 0.981,
         "empty_data_ratio": 0.988, "off_again_ratio": 1.004,
-    }})  # fmt: skip
+    })  # fmt: skip
     assert (
         "an empty program where tcpacct's are keeps 0.967 (the floor of these hooks), on the "
         "data tracepoints and tcp_destroy_sock 0.981, on the data tracepoints alone 0.988, "
         "and nothing attached again 1.004"
     ) in why(floored)
-    without = Figure(**{**{f: getattr(churn, f) for f in churn.__slots__}, "details": {
+    without = _churn_figure(**{
         "hooks_only_ratio": 0.91, "agent_over_hooks": 0.95,
-    }})  # fmt: skip
+    })  # fmt: skip
     assert why(without).endswith("both cost here")
-    noisy = Figure(**{**{f: getattr(churn, f) for f in churn.__slots__}, "details": {
+    noisy = _churn_figure(**{
         **churn.details, "dispatch_ns_per_run": -338.0,
-    }})  # fmt: skip
+    })  # fmt: skip
     text = why(noisy)
     assert "~0.0 us of dispatch (the empty program's -338 ns per run is noise" in text
     assert "= 6.0 us on a connection's 100 us agent-off" in text
     assert "which alone would leave ~0.943" in text  # 100 / 106
     assert "lost 9.9 us a connection, 1.6x" in text  # against 6.0 us: no dispatch taken
-    timed = Figure(**{**{f: getattr(churn, f) for f in churn.__slots__}, "details": {
+    timed = _churn_figure(**{
         **churn.details, "hooks_added_wall_us": 8.04, "hooks_added_busy_us": 12.96,
-    }})  # fmt: skip
+    })  # fmt: skip
     assert why(timed).endswith(
         "1.1x the programs' counted run time and dispatch; per triplet, their wall time grew "
         "8.0 us a connection and the two CPUs' busy time 13.0 us (less their idle residency: "
@@ -403,23 +409,13 @@ def test_k8s_accounting_polls_are_new_connections_whose_ends_mirror_each_other()
 def test_churn_why_tells_the_short_blocks_interval() -> None:
     from bench.reporting import why
 
-    churn = Figure(
-        key="datapath.churn_per_s.tracepoint",
-        title="churn",
-        unit="1/s",
-        method="fake",
-        on=summarise([9000.0]),
-        off=summarise([10000.0]),
-        ratio=summarise([0.9]),
-        target=Target("ratio", ">=", 0.99, ">= 0.99"),
-        details={
-            "hooks_only_ratio": 0.91,
-            "agent_over_hooks": 0.95,
-            "blocks_mean": 0.9312,
-            "blocks_low": 0.9104,
-            "blocks_high": 0.9525,
-            "blocks_pairs": 64,
-        },
+    churn = _churn_figure(
+        hooks_only_ratio=0.91,
+        agent_over_hooks=0.95,
+        blocks_mean=0.9312,
+        blocks_low=0.9104,
+        blocks_high=0.9525,
+        blocks_pairs=64,
     )
     assert (
         "; in 64 short alternating blocks the whole agent keeps 0.931 (95 % interval 0.910-0.953)"
