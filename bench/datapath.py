@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.ebpf.backends import LIFECYCLE_TRACEPOINTS
+from agent.ebpf.backends import LIFECYCLE_PRIMARIES, LIFECYCLE_TRACEPOINTS
 from bench.accuracy import compare, exact_fraction
 from bench.design import BASELINE, LoadedCandidate
 from bench.empty_hooks import (
     DATA_TRACEPOINTS,
-    MINIMAL_ATTACHMENTS,
     EmptyHooks,
     tcpacct_attachments,
 )
@@ -82,17 +81,14 @@ class DatapathPlan:
     # connections, so many short blocks judge a ratio better than a few long rounds (64
     # blocks of each mode: ~+-2 %, where 16 pairs of 12,000 give ~+-5 % from 3x as many).
     churn_block_connections: int = 1_000
-    # a set: one block of each mode (off, hooks, agent; on the tracepoint backend also the
-    # empty programs, the lean variant and its empty programs)
+    # a set: one block of each mode (off, hooks, agent; on the tracepoint backend also off
+    # again, the empty programs on three hook sets and two hooks-only variants: nine)
     churn_block_sets: int = 64
-    churn_sets_per_server: int = 16  # sets per server process (96,000 connections)
+    churn_sets_per_server: int = 16  # sets per server process (144,000 connections)
     iperf_seconds: float = 2.0
     peer_rounds: int = 5
     peer_churn_connections: int = 600
     program_time_rounds: int = 5  # send/recv and churn rounds with the kernel's statistics on
-    # the churn floor's rounds per hook set: its ratios sit a percent or two under 1, which
-    # the noise of 8 rounds would hide
-    floor_rounds: int = 16
 
 
 @dataclass
@@ -459,41 +455,52 @@ def measure_churn_split(probe: AgentProbe, plan: DatapathPlan, backend: str) -> 
 
 
 LEAN_WITHOUT = ("inet_sock_set_state",)
+# The lifecycle handlers' recursion twins (agent/ebpf/backends.py), by program name.
+TWINS = tuple(
+    function for _, function in LIFECYCLE_TRACEPOINTS if function not in LIFECYCLE_PRIMARIES
+)
+# Hooks-only design variants of the churn blocks: what stays detached.
+BLOCK_VARIANTS: dict[str, tuple[str, ...]] = {"lean": LEAN_WITHOUT, "no_twins": TWINS}
+BLOCK_OFF = ("off", "off_again")
 
 
 class _BlockModes:
-    """Switches the churn blocks' modes: ``"off"``, ``"hooks"`` and ``"agent"`` through the
-    probe (:func:`_switch`); ``"lean"``: the hooks alone but those on ``LEAN_WITHOUT``
-    (tcpacct's programs without its state-change hooks: entries made at a socket's first
-    byte, retired at its destroy); ``"empty"`` and ``"empty_lean"``: tcpacct detached and
-    ``empty``'s program attached where tcpacct attaches its programs (``hooks``) or where
-    the lean variant does (``lean_hooks``). Close it when done."""
+    """Switches the churn blocks' modes: ``"off"`` and ``"off_again"`` (nothing attached),
+    ``"hooks"`` and ``"agent"`` through the probe (:func:`_switch`); a mode of ``variants``
+    (e.g. ``"lean"``): the hooks alone but those it names (tracepoints or programs); a mode
+    of ``empty_sets`` (e.g. ``"empty"``): tcpacct detached and ``empty``'s program attached
+    on the tracepoints it names. Close it when done."""
 
     def __init__(
         self,
         probe: AgentProbe,
         empty: EmptyHooks | None,
-        hooks: Sequence[str],
-        lean_hooks: Sequence[str] = (),
+        empty_sets: Mapping[str, Sequence[str]],
+        variants: Mapping[str, Sequence[str]],
     ):
         self.probe, self.empty = probe, empty
-        self.hooks, self.lean_hooks = tuple(hooks), tuple(lean_hooks)
+        self.empty_sets, self.variants = empty_sets, variants
         self._attached = contextlib.ExitStack()
         self._mode = ""
 
     def __call__(self, mode: str) -> None:
         self._attached.close()  # the empty programs off, if they were on
-        empty_hooks = {"empty": self.hooks, "empty_lean": self.lean_hooks}.get(mode)
-        if mode in ("off", "lean") or self._mode == "lean" or empty_hooks is not None:
+        empty_hooks, without = self.empty_sets.get(mode), self.variants.get(mode)
+        if (
+            mode in BLOCK_OFF
+            or self._mode in self.variants
+            or empty_hooks is not None
+            or without is not None
+        ):
             _off(self.probe)  # tcpacct off; the probe attaches only what is detached
         self._mode = mode
-        if mode == "lean":
-            self.probe.request({"cmd": "attach", "accounting": False, "without": LEAN_WITHOUT})
+        if without is not None:
+            self.probe.request({"cmd": "attach", "accounting": False, "without": list(without)})
         elif empty_hooks is not None:
             if self.empty is None:
                 raise ValueError("no empty program to attach")
             self._attached.enter_context(self.empty.attached(empty_hooks))
-        elif mode != "off":
+        elif mode not in BLOCK_OFF:
             _switch(self.probe, mode)
 
     def close(self) -> None:
@@ -504,22 +511,30 @@ class _BlockModes:
 
 def measure_churn_blocks(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
     """The churn in short blocks of connections to one server process, per block nothing
-    attached, the hooks alone or the whole agent, and on the tracepoint backend also an
-    empty program on tcpacct's attachments (the floor of its hooks), tcpacct's programs
-    without the state-change hooks (``"lean"``: a design that makes entries at the first
-    byte) and an empty program on those (its floor); switched between blocks, each set of
-    blocks in an order of its own: the agent's churn ratio and the others', with intervals,
-    from many more pairs than the churn figure's rounds give in the same time."""
+    attached, the hooks alone or the whole agent, and on the tracepoint backend also
+    nothing attached a second time (the method's reading of no difference), an empty
+    program on tcpacct's attachments (the floor of its hooks) and on two smaller sets of
+    them, and two hooks-only design variants (tcpacct's programs without the state-change
+    hooks: ``"lean"``; without the lifecycle handlers' recursion twins: ``"no_twins"``);
+    switched between blocks, each set of blocks in an order of its own: the agent's churn
+    ratio and the others', with intervals, from many more pairs than the churn figure's
+    rounds give in the same time."""
     variants = backend == "tracepoint"
+    hooks = tcpacct_attachments() if variants else ()
+    lean_hooks = tuple(hook for hook in hooks if hook not in LEAN_WITHOUT)
+    empty_sets = (
+        {"empty": hooks, "empty_lean": lean_hooks, "empty_data": DATA_TRACEPOINTS}
+        if variants
+        else {}
+    )
+    block_variants = BLOCK_VARIANTS if variants else {}
     modes: tuple[str, ...] = ("off", "hooks", "agent")
     if variants:
-        modes = ("off", "empty", "hooks", "agent", "lean", "empty_lean")
+        modes = ("off", "off_again", *empty_sets, "hooks", "agent", *block_variants)
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
     order = [mode for _, mode in shuffled(modes, plan.churn_block_sets, seed=1)]
     per_server = len(modes) * plan.churn_sets_per_server
-    hooks = tcpacct_attachments() if variants else ()
-    lean_hooks = tuple(hook for hook in hooks if hook not in LEAN_WITHOUT)
-    switch = _BlockModes(probe, EmptyHooks() if variants else None, hooks, lean_hooks)
+    switch = _BlockModes(probe, EmptyHooks() if variants else None, empty_sets, block_variants)
     try:
         for first in range(0, len(order), per_server):
             group = order[first : first + per_server]
@@ -547,25 +562,31 @@ def measure_churn_blocks(probe: AgentProbe, plan: DatapathPlan, backend: str) ->
     }
     variants_method = ""
     if variants:
+        details["empty_ratio"] = paired_ratio(rates["empty"], rates["off"]).as_dict()
+        for mode in ("off_again", *empty_sets, *block_variants):
+            details[f"{mode}_interval_95"] = interval(mode)
         details.update({
-            "empty_ratio": paired_ratio(rates["empty"], rates["off"]).as_dict(),
-            "empty_interval_95": interval("empty"),
             "agent_over_empty_interval_95": interval("agent", "empty"),
-            "lean_interval_95": interval("lean"),
-            "empty_lean_interval_95": interval("empty_lean"),
             "lean_over_empty_lean_interval_95": interval("lean", "empty_lean"),
-            "lean_without": list(LEAN_WITHOUT),
+            "no_twins_over_hooks_interval_95": interval("no_twins", "hooks"),
+            "empty_sets": {mode: list(hooks) for mode, hooks in empty_sets.items()},
+            "variants_without": {mode: list(names) for mode, names in block_variants.items()},
         })  # fmt: skip
         variants_method = (
-            "; and an empty two-instruction raw-tracepoint program (r0 = 0; exit) attached "
-            f"where tcpacct's tracepoint backend attaches its programs ({', '.join(hooks)}; "
-            "tcpacct detached: the floor of these hooks, details.empty_interval_95; "
-            "details.agent_over_empty_interval_95: the agent against it), tcpacct's own "
-            f"programs as the hooks alone but none on {', '.join(LEAN_WITHOUT)} (lean: "
-            "entries made at a socket's first byte and retired at its destroy, a design "
-            "without state-change hooks; details.lean_interval_95), and the empty program "
-            f"where that variant attaches ({', '.join(lean_hooks)}: its floor, "
-            "details.empty_lean_interval_95)"
+            "; nothing attached again (off_again: the method's own reading of no difference, "
+            "details.off_again_interval_95); an empty two-instruction raw-tracepoint program "
+            "(r0 = 0; exit), tcpacct detached, attached where tcpacct's tracepoint backend "
+            f"attaches its programs ({', '.join(hooks)}: the floor of these hooks, "
+            "details.empty_interval_95; details.agent_over_empty_interval_95: the agent "
+            f"against it), where the lean variant attaches ({', '.join(lean_hooks)}: "
+            "details.empty_lean_interval_95) and on the data tracepoints alone "
+            f"({', '.join(DATA_TRACEPOINTS)}: details.empty_data_interval_95); and two "
+            "hooks-only variants of tcpacct: lean, its programs but none on "
+            f"{', '.join(LEAN_WITHOUT)} (entries made at a socket's first byte and retired at "
+            "its destroy, a design without state-change hooks; details.lean_interval_95, "
+            "details.lean_over_empty_lean_interval_95 against its floor), and no_twins, "
+            f"without the lifecycle handlers' recursion twins ({', '.join(TWINS)}: "
+            "details.no_twins_over_hooks_interval_95 is what the twins cost)"
         )
     details["backend"] = backend
     return Figure(
@@ -600,61 +621,6 @@ def per_connection_us(moved: Moved) -> dict[str, float]:
     spent = {"wall": moved.seconds * scale}
     spent.update({name: seconds * scale for name, seconds in moved.cpu_seconds.items()})
     return {name: round(us, 3) for name, us in spent.items()}
-
-
-def measure_churn_floor(probe: AgentProbe, plan: DatapathPlan, backend: str) -> Figure:
-    """The churn with an empty program on tcpacct's attachments instead of its programs:
-    what firing those tracepoints into BPF costs a connection before any program does any
-    work, i.e. the best any program on the same hooks could keep. Two smaller hook sets in
-    the same rounds (:func:`shuffled`) bound other designs: the data tracepoints and
-    tcp_destroy_sock (the fewest a per-socket count of application bytes needs), and the
-    data tracepoints alone. Nothing attached a second time (``off_again``) is what the
-    method reads where there is no difference."""
-    hook_sets = {
-        "tcpacct": tcpacct_attachments(),
-        "minimal": MINIMAL_ATTACHMENTS,
-        "data": DATA_TRACEPOINTS,
-    }
-    empty = EmptyHooks()
-    modes = ("off", "off_again", *hook_sets)
-    values: dict[str, list[float]] = {mode: [] for mode in modes}
-    try:
-        _off(probe)
-        for _, mode in shuffled(tuple(values), plan.floor_rounds):
-            hooks = hook_sets.get(mode, ())
-            with empty.attached(hooks):
-                values[mode].append(
-                    churn(plan.churn_connections, MESSAGE, CLIENT_CPU, SERVER_CPU).rate
-                )
-    finally:
-        empty.close()
-        _on(probe)
-    attachments = ", ".join(hook_sets["tcpacct"])
-    return Figure(
-        key=f"datapath.churn_per_s.empty_programs.{backend}",
-        title="connect/send/close churn, connections/s, with empty programs on tcpacct's hooks "
-        "(the floor)",
-        unit="1/s",
-        method=f"the churn figure's workload ({plan.churn_connections} connections, same CPUs, "
-        f"tcpacct detached) in {plan.floor_rounds} rounds of each mode, each round in a "
-        "random order of its own (seeded: a mode does not always follow the same one): "
-        "nothing attached (off); a two-instruction raw-tracepoint program (r0 = 0; exit) "
-        f"attached where tcpacct's tracepoint backend attaches its programs ({attachments}: "
-        "on); the same program on tcp_destroy_sock, sock_send_length and sock_recv_length "
-        "(details.minimal_ratio) and on the two data tracepoints alone (details.data_ratio); "
-        "nothing attached again (details.off_again_ratio: the method's own reading of no "
-        "difference). Ratios per round against the same round's off.",
-        on=summarise(values["tcpacct"]),
-        off=summarise(values["off"]),
-        ratio=paired_ratio(values["tcpacct"], values["off"]),
-        details={
-            "minimal_ratio": paired_ratio(values["minimal"], values["off"]).as_dict(),
-            "data_ratio": paired_ratio(values["data"], values["off"]).as_dict(),
-            "off_again_ratio": paired_ratio(values["off_again"], values["off"]).as_dict(),
-            "hook_sets": {name: list(hooks) for name, hooks in hook_sets.items()},
-            "backend": backend,
-        },
-    )
 
 
 LIFECYCLE_FUNCTIONS = frozenset(function for _, function in LIFECYCLE_TRACEPOINTS)
@@ -846,7 +812,10 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
         "blocks_high": interval["high"],
         "blocks_pairs": interval["pairs"],
     })  # fmt: skip
-    for variant in ("empty", "lean", "empty_lean"):
+    for variant in (
+        *("off_again", "empty", "empty_lean", "empty_data"),
+        *("lean", "no_twins", "no_twins_over_hooks"),
+    ):
         if f"{variant}_interval_95" in blocks.details:
             variant_interval = blocks.details[f"{variant}_interval_95"]
             _add_details(figures, f"datapath.churn_per_s.{backend}", {
@@ -866,16 +835,6 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
         if "cpus_busy" in added:  # CPUs with cpuidle counters
             _add_details(figures, f"datapath.churn_per_s.{backend}", {
                 "hooks_added_busy_us": added["cpus_busy"]["median"],
-            })  # fmt: skip
-    if backend == "tracepoint":
-        floor = measure_churn_floor(probe, plan, backend)
-        figures.append(floor)
-        if floor.ratio:
-            _add_details(figures, f"datapath.churn_per_s.{backend}", {
-                "empty_programs_ratio": floor.ratio.median,
-                "empty_minimal_ratio": floor.details["minimal_ratio"]["median"],
-                "empty_data_ratio": floor.details["data_ratio"]["median"],
-                "off_again_ratio": floor.details["off_again_ratio"]["median"],
             })  # fmt: skip
     program_time = measure_program_time(probe, plan, backend)
     figures.extend(program_time)

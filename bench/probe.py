@@ -35,7 +35,8 @@ command                             answer
                                     ``"accounting": false``: the poller only empties the
                                     ``changed`` map and closed records (hooks-only
                                     rounds); ``"without": ["inet_sock_set_state"]``: those
-                                    tracepoints' hooks stay detached (a design variant)
+                                    tracepoints' hooks (or those programs) stay detached
+                                    (a design variant)
 ``{"cmd": "run_time_stats",``       the kernel's per-program run time on or off (BPF_ENABLE_STATS;
 ``"on": true}``                     off again at quit)
 ``{"cmd": "program_stats"}``        ``{"programs": {"on_send": {"run_ns", "runs",
@@ -326,8 +327,8 @@ class ProbedAgent:
             self.attached.clear()
 
     def attach(self, accounting: bool = True, without: tuple[str, ...] = ()) -> None:
-        """Attach the hooks (but those on ``without``'s tracepoints; only when detached
-        before); with ``accounting`` False the poller only empties the maps."""
+        """Attach the hooks (but those on ``without``'s tracepoints or of its programs; only
+        when detached before); with ``accounting`` False the poller only empties the maps."""
         with self.lock:
             if accounting and not self.accounting:
                 # what hooks-only rounds threw away: read the whole socket map next poll

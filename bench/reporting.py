@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,14 @@ def _function(profile_row: str) -> str:
     return f"{where} {own} s"
 
 
+def _blocks(details: Mapping[str, Any], mode: str) -> str:
+    """A churn-blocks mode's mean and 95 % interval from the churn figure's details:
+    ``{"blocks_lean_mean": 0.951, "blocks_lean_low": 0.94, "blocks_lean_high": 0.962}``,
+    ``"lean"`` -> ``"0.951 (0.940-0.962)"``."""
+    mean, low, high = (details[f"blocks_{mode}_{end}"] for end in ("mean", "low", "high"))
+    return f"{mean:.3f} ({low:.3f}-{high:.3f})"
+
+
 def why(figure: Figure) -> str:
     """What this run's own data says about a figure (for a missed target).
 
@@ -132,14 +140,6 @@ def why(figure: Figure) -> str:
             f"decoded) keep {d['hooks_only_ratio']:.3f} of agent-off, and the whole agent "
             f"{d['agent_over_hooks']:.3f} of hooks-only"
         )
-        if "empty_programs_ratio" in d:
-            split += (
-                f"; an empty program where tcpacct's are keeps {d['empty_programs_ratio']:.3f} "
-                f"(the floor of these hooks), on the data tracepoints and tcp_destroy_sock "
-                f"{d['empty_minimal_ratio']:.3f}, on the data tracepoints alone "
-                f"{d['empty_data_ratio']:.3f}, and nothing attached again "
-                f"{d['off_again_ratio']:.3f} (rounds of their own)"
-            )
         if "blocks_mean" in d:
             split += (
                 f"; in {d['blocks_pairs']} short alternating blocks the whole agent keeps "
@@ -147,18 +147,23 @@ def why(figure: Figure) -> str:
                 f"{d['blocks_high']:.3f})"
             )
             if "blocks_empty_mean" in d:
-                split += (
-                    f" and an empty program on its hooks {d['blocks_empty_mean']:.3f} "
-                    f"({d['blocks_empty_low']:.3f}-{d['blocks_empty_high']:.3f})"
-                )
+                split += f" and an empty program on its hooks {_blocks(d, 'empty')}"
+            if "blocks_empty_data_mean" in d:
+                split += f", on the data tracepoints alone {_blocks(d, 'empty_data')}"
             if "blocks_lean_mean" in d and "blocks_empty_lean_mean" in d:
                 split += (
-                    f"; without its state-change hooks (entries made at the first byte) the "
-                    f"hooks keep {d['blocks_lean_mean']:.3f} ({d['blocks_lean_low']:.3f}-"
-                    f"{d['blocks_lean_high']:.3f}), an empty program where that variant "
-                    f"attaches {d['blocks_empty_lean_mean']:.3f} "
-                    f"({d['blocks_empty_lean_low']:.3f}-{d['blocks_empty_lean_high']:.3f})"
+                    "; without its state-change hooks (entries made at the first byte) the "
+                    f"hooks keep {_blocks(d, 'lean')}, an empty program where that variant "
+                    f"attaches {_blocks(d, 'empty_lean')}"
                 )
+            if "blocks_no_twins_mean" in d and "blocks_no_twins_over_hooks_mean" in d:
+                split += (
+                    "; without the lifecycle handlers' recursion twins the hooks keep "
+                    f"{_blocks(d, 'no_twins')}, {_blocks(d, 'no_twins_over_hooks')} of the "
+                    "whole hooks'"
+                )
+            if "blocks_off_again_mean" in d:
+                split += f"; nothing attached, twice, reads {_blocks(d, 'off_again')}"
         kernel = _churn_kernel_budget(figure)
         if kernel:
             return f"{kernel}; {split}{_beyond_the_count(figure)}"

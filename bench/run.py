@@ -82,7 +82,7 @@ def run(parts: tuple[str, ...], quick: bool, out_dir: Path) -> tuple[Path, Path]
         datapath_plan = DatapathPlan(
             pairs=2, send_recv_calls=10_000, unix_calls=20_000, rr_transactions=1_000,
             churn_connections=200, churn_pairs=2, rr_pairs=2, iperf_pairs=1, iperf_seconds=1,
-            peer_rounds=1, peer_churn_connections=200, program_time_rounds=2, floor_rounds=2,
+            peer_rounds=1, peer_churn_connections=200, program_time_rounds=2,
             churn_block_connections=100, churn_block_sets=4, churn_sets_per_server=2,
         )  # fmt: skip
         cost_plan = replace(cost_plan, live=(2_000,), polls=2, close_rates=(1_000,),

@@ -797,10 +797,16 @@ class KernelTracer:
         self._program.detach(reversed(self._plan.hooks))
 
     def attach_hooks(self, without: Collection[str] = ()) -> None:
-        """Attach again what :meth:`detach_hooks` detached; hooks on a tracepoint or function
-        named in ``without`` stay detached (the benchmark's design variants, e.g.
-        ``without=("inet_sock_set_state",)``: entries made at a socket's first byte)."""
-        self._program.attach(hook for hook in self._plan.hooks if hook.target not in without)
+        """Attach again what :meth:`detach_hooks` detached; a hook whose tracepoint (or
+        kernel function) or program is named in ``without`` stays detached (the benchmark's
+        design variants: ``without=("inet_sock_set_state",)`` makes entries at a socket's
+        first byte; ``without=("on_set_state_nested", "on_destroy_nested")`` leaves the
+        lifecycle handlers' recursion twins out)."""
+        self._program.attach(
+            hook
+            for hook in self._plan.hooks
+            if hook.target not in without and hook.function not in without
+        )
 
     def close(self) -> None:
         """Detach every program and free the maps; safe to call twice."""

@@ -3,11 +3,14 @@ agent-on and design-variant rounds do (KernelTracer.detach_hooks / attach_hooks)
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
+from agent.ebpf.backends import LIFECYCLE_PRIMARIES, LIFECYCLE_TRACEPOINTS
+from agent.ebpf.syscalls import enable_run_time_stats
 from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
 from agent.model import Role, SocketFlag, SocketSample
 from tests.support.harness import listener, recv_exact, send_exact
@@ -36,8 +39,9 @@ def test_detached_hooks_see_nothing_and_attach_without_leaves_those_hooks_out(
     """Detached: a connection leaves no entry. Attached without inet_sock_set_state: both
     ends are made at their first byte (PREEXISTING, never OPENED), bytes exact, the server
     known as such by its listener (recorded when it listened, hooks attached). Attached
-    whole again: both ends OPENED. ``tracer`` (the session's) only checks that BPF loads
-    here."""
+    without the recursion twins (named by program): both ends OPENED, bytes exact, and the
+    kernel ran no twin while the primaries ran. Attached whole again: both ends OPENED.
+    ``tracer`` (the session's) only checks that BPF loads here."""
     own = open_tracer(
         backend,
         capacities=Capacities(sockets=1024, closed=1024, listeners=64),
@@ -67,6 +71,23 @@ def _switch_and_connect(own: KernelTracer, lsock: socket.socket) -> None:
     for end in (client, server):
         assert SocketFlag.PREEXISTING in end.flags and SocketFlag.OPENED not in end.flags
     assert (client.role, server.role) == (Role.CLIENT, Role.SERVER)
+
+    own.detach_hooks()
+    twins = tuple(name for _, name in LIFECYCLE_TRACEPOINTS if name not in LIFECYCLE_PRIMARIES)
+    own.attach_hooks(without=twins)
+    stats_fd = enable_run_time_stats()
+    try:
+        before = own.program_stats()
+        client, server = _connection(own, lsock, 400)
+        after = own.program_stats()
+    finally:
+        os.close(stats_fd)
+    assert client is not None and server is not None
+    assert (client.sent_bytes, server.received_bytes) == (400, 400)
+    for end in (client, server):
+        assert SocketFlag.OPENED in end.flags and SocketFlag.PREEXISTING not in end.flags
+    assert {name: after[name].runs - before[name].runs for name in twins} == dict.fromkeys(twins, 0)
+    assert all(after[name].runs > before[name].runs for name in LIFECYCLE_PRIMARIES)
 
     own.detach_hooks()
     own.attach_hooks()

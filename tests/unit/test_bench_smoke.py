@@ -231,16 +231,7 @@ def test_churn_why_weighs_the_kernel_counters_against_the_budget() -> None:
         "; the hooks-only rounds lost 9.9 us a connection, 1.1x the programs' counted run "
         "time and dispatch"
     )
-    assert "where tcpacct's are keeps" not in text  # no floor measured: none is told
-    floored = _churn_figure(**{
-        **churn.details, "empty_programs_ratio": 0.967, "empty_minimal_ratio": 0.981,
-        "empty_data_ratio": 0.988, "off_again_ratio": 1.004,
-    })  # fmt: skip
-    assert (
-        "an empty program where tcpacct's are keeps 0.967 (the floor of these hooks), on the "
-        "data tracepoints and tcp_destroy_sock 0.981, on the data tracepoints alone 0.988, "
-        "and nothing attached again 1.004"
-    ) in why(floored)
+    assert "short alternating blocks" not in text  # no blocks measured: none are told
     without = _churn_figure(**{
         "hooks_only_ratio": 0.91, "agent_over_hooks": 0.95,
     })  # fmt: skip
@@ -434,6 +425,22 @@ def test_churn_why_tells_the_short_blocks_interval() -> None:
         "hooks keep 0.951 (0.940-0.962), an empty program where that variant attaches 0.990 "
         "(0.978-1.002)"
     ) in why(churn)
+    churn.details.update(
+        blocks_empty_data_mean=0.995, blocks_empty_data_low=0.983, blocks_empty_data_high=1.007,
+        blocks_no_twins_mean=0.962, blocks_no_twins_low=0.95, blocks_no_twins_high=0.975,
+        blocks_no_twins_over_hooks_mean=1.014, blocks_no_twins_over_hooks_low=1.001,
+        blocks_no_twins_over_hooks_high=1.027,
+        blocks_off_again_mean=1.002, blocks_off_again_low=0.99, blocks_off_again_high=1.014,
+    )  # fmt: skip
+    assert (
+        "an empty program on its hooks 0.971 (0.966-0.977), on the data tracepoints alone "
+        "0.995 (0.983-1.007); without its state-change hooks"
+    ) in why(churn)
+    assert (
+        "(0.978-1.002); without the lifecycle handlers' recursion twins the hooks keep 0.962 "
+        "(0.950-0.975), 1.014 (1.001-1.027) of the whole hooks'; nothing attached, twice, "
+        "reads 1.002 (0.990-1.014)"
+    ) in why(churn)
 
 
 def test_ratio_interval_is_the_geometric_mean_of_the_pairs() -> None:
@@ -456,10 +463,11 @@ def test_ratio_interval_is_the_geometric_mean_of_the_pairs() -> None:
 @pytest.mark.parametrize("backend", ["tracepoint", "fentry"])
 def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch, backend) -> None:
     """Every block is preceded by its mode's switch; each server takes whole sets; the
-    ratios pair each set's blocks; the empty programs and the lean variant (tracepoint
+    ratios pair each set's blocks; the empty programs and the two variants (tracepoint
     backend only) are on only in their blocks, the empty programs with tcpacct detached, the
-    lean variant without its state-change hooks (fake probe, programs and churn: no
-    timing). The fake probe attaches only when detached, as the real one does."""
+    lean variant without its state-change hooks, no_twins without the recursion twins (fake
+    probe, programs and churn: no timing). The fake probe attaches only when detached, as
+    the real one does."""
     import contextlib
 
     import bench.datapath as datapath
@@ -495,7 +503,16 @@ def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch, backend
             closed.append(True)
 
     rate_of = {"off": 100.0, "empty": 98.0, "hooks": 90.0, "agent": 95.0, "lean": 93.0}
-    rate_of["empty_lean"] = 99.0
+    rate_of.update(empty_lean=99.0, empty_data=99.5, no_twins=91.8)
+    empty_modes = {
+        six: "empty",
+        ("tcp_destroy_sock",): "empty_lean",
+        ("sock_send_length", "sock_recv_length"): "empty_data",
+    }
+    variant_of = {
+        ("inet_sock_set_state",): "lean",
+        ("on_set_state_nested", "on_destroy_nested"): "no_twins",
+    }
     servers: list[int] = []
 
     def fake_blocks(blocks, connections, size, client_cpu, server_cpu, before_block):
@@ -506,12 +523,13 @@ def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch, backend
             state = probe_state[0]
             if empty_on:
                 assert state is None and len(empty_on) == 1
-                mode = {six: "empty", ("tcp_destroy_sock",): "empty_lean"}[empty_on[0]]
+                mode = empty_modes[empty_on[0]]
             elif state is None:
-                mode = "off"
+                rates.append(100.0)  # off or off_again
+                continue
             elif state[1]:
-                assert state == (False, ("inet_sock_set_state",))
-                mode = "lean"
+                assert state[0] is False
+                mode = variant_of[state[1]]
             else:
                 mode = "agent" if state[0] else "hooks"
             rates.append(rate_of[mode])
@@ -522,7 +540,7 @@ def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch, backend
     monkeypatch.setattr(datapath, "tcpacct_attachments", lambda: six)
     plan = datapath.DatapathPlan(churn_block_sets=5, churn_sets_per_server=2)
     figure = datapath.measure_churn_blocks(FakeProbe(), plan, backend)
-    modes = 6 if backend == "tracepoint" else 3
+    modes = 9 if backend == "tracepoint" else 3
     assert servers == [2 * modes, 2 * modes, modes]
     assert figure.ratio.rounds == (0.95,) * 5
     assert figure.details["hooks_ratio"]["rounds"] == [0.9] * 5
@@ -535,6 +553,11 @@ def test_churn_blocks_switch_every_block_and_pair_each_mode(monkeypatch, backend
         assert round(d["lean_interval_95"]["mean"], 9) == 0.93
         assert round(d["empty_lean_interval_95"]["mean"], 9) == 0.99
         assert round(d["lean_over_empty_lean_interval_95"]["mean"], 9) == round(93 / 99, 9)
+        assert round(d["empty_data_interval_95"]["mean"], 9) == 0.995
+        assert round(d["no_twins_interval_95"]["mean"], 9) == 0.918
+        assert round(d["no_twins_over_hooks_interval_95"]["mean"], 9) == round(91.8 / 90, 9)
+        assert d["off_again_interval_95"]["mean"] == 1.0
+        assert d["variants_without"]["no_twins"] == ["on_set_state_nested", "on_destroy_nested"]
         assert closed == [True]
     else:
         assert "empty_ratio" not in figure.details and closed == []
