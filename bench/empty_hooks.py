@@ -24,8 +24,6 @@ from agent.ebpf.syscalls import BPF_PROG_TYPE_RAW_TRACEPOINT, load_program, open
 # r0 = 0 (BPF_ALU64 | BPF_MOV | BPF_K), exit (BPF_JMP | BPF_EXIT): 8 bytes each
 EMPTY_INSTRUCTIONS = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
 DATA_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
-# the fewest any per-socket byte count needs: the bytes, and the point a socket ends
-MINIMAL_ATTACHMENTS = ("tcp_destroy_sock", *DATA_TRACEPOINTS)
 
 
 def tcpacct_attachments(btf_path: Path = Path("/sys/kernel/btf/vmlinux")) -> tuple[str, ...]:
