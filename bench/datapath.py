@@ -461,7 +461,6 @@ TWINS = tuple(
 )
 # Hooks-only design variants of the churn blocks: what stays detached.
 BLOCK_VARIANTS: dict[str, tuple[str, ...]] = {"lean": LEAN_WITHOUT, "no_twins": TWINS}
-BLOCK_OFF = ("off", "off_again")
 
 
 class _BlockModes:
@@ -486,12 +485,7 @@ class _BlockModes:
     def __call__(self, mode: str) -> None:
         self._attached.close()  # the empty programs off, if they were on
         empty_hooks, without = self.empty_sets.get(mode), self.variants.get(mode)
-        if (
-            mode in BLOCK_OFF
-            or self._mode in self.variants
-            or empty_hooks is not None
-            or without is not None
-        ):
+        if mode not in ("hooks", "agent") or self._mode in self.variants:
             _off(self.probe)  # tcpacct off; the probe attaches only what is detached
         self._mode = mode
         if without is not None:
@@ -500,7 +494,7 @@ class _BlockModes:
             if self.empty is None:
                 raise ValueError("no empty program to attach")
             self._attached.enter_context(self.empty.attached(empty_hooks))
-        elif mode not in BLOCK_OFF:
+        elif mode in ("hooks", "agent"):
             _switch(self.probe, mode)
 
     def close(self) -> None:
@@ -805,24 +799,18 @@ def measure_datapath(probe: AgentProbe, plan: DatapathPlan, backend: str) -> lis
         )
     blocks = measure_churn_blocks(probe, plan, backend)
     figures.append(blocks)
-    interval = blocks.details["interval_95"]
-    _add_details(figures, f"datapath.churn_per_s.{backend}", {
-        "blocks_mean": interval["mean"],
-        "blocks_low": interval["low"],
-        "blocks_high": interval["high"],
-        "blocks_pairs": interval["pairs"],
-    })  # fmt: skip
-    for variant in (
-        *("off_again", "empty", "empty_lean", "empty_data"),
-        *("lean", "no_twins", "no_twins_over_hooks"),
-    ):
-        if f"{variant}_interval_95" in blocks.details:
-            variant_interval = blocks.details[f"{variant}_interval_95"]
+    # every interval of the blocks, on the churn figure for its "why": "interval_95" (the
+    # agent's) as blocks_mean/_low/_high, "lean_interval_95" as blocks_lean_mean/...
+    for key, interval in blocks.details.items():
+        if key.endswith("interval_95"):
+            mode = key.removesuffix("interval_95").rstrip("_")
+            prefix = f"blocks_{mode}" if mode else "blocks"
             _add_details(figures, f"datapath.churn_per_s.{backend}", {
-                f"blocks_{variant}_mean": variant_interval["mean"],
-                f"blocks_{variant}_low": variant_interval["low"],
-                f"blocks_{variant}_high": variant_interval["high"],
+                f"{prefix}_{end}": interval[end] for end in ("mean", "low", "high")
             })  # fmt: skip
+    _add_details(figures, f"datapath.churn_per_s.{backend}", {
+        "blocks_pairs": blocks.details["interval_95"]["pairs"],
+    })  # fmt: skip
     split = measure_churn_split(probe, plan, backend)
     figures.append(split)
     if split.ratio:

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 import pytest
 
 from agent.ebpf.backends import LIFECYCLE_PRIMARIES, LIFECYCLE_TRACEPOINTS
 from agent.ebpf.syscalls import enable_run_time_stats
-from agent.ebpf.tracing import Capacities, KernelTracer, open_tracer
+from agent.ebpf.tracing import Capacities, KernelTracer
 from agent.model import Role, SocketFlag, SocketSample
-from tests.support.harness import listener, recv_exact, send_exact
+from tests.support.harness import (
+    listener,
+    live_by_ports,
+    open_test_tracer,
+    recv_exact,
+    send_exact,
+)
 
 
 def _connection(
@@ -27,14 +32,14 @@ def _connection(
         with server:
             send_exact(client, size)
             recv_exact(server, size)
-            live = {(s.local.port, s.remote.port): s for s in tracer.poll().live}
+            live = live_by_ports(tracer)
             return tuple(
                 live.get((end.getsockname()[1], end.getpeername()[1])) for end in (client, server)
             )
 
 
 def test_detached_hooks_see_nothing_and_attach_without_leaves_those_hooks_out(
-    tracer: KernelTracer, backend: str, tmp_path: Path
+    tracer: KernelTracer, backend: str
 ) -> None:
     """Detached: a connection leaves no entry. Attached without inet_sock_set_state: both
     ends are made at their first byte (PREEXISTING, never OPENED), bytes exact, the server
@@ -42,11 +47,7 @@ def test_detached_hooks_see_nothing_and_attach_without_leaves_those_hooks_out(
     without the recursion twins (named by program): both ends OPENED, bytes exact, and the
     kernel ran no twin while the primaries ran. Attached whole again: both ends OPENED.
     ``tracer`` (the session's) only checks that BPF loads here."""
-    own = open_tracer(
-        backend,
-        capacities=Capacities(sockets=1024, closed=1024, listeners=64),
-        compile_cache=tmp_path / "cache",
-    )
+    own = open_test_tracer(backend, Capacities(sockets=1024, closed=1024, listeners=64))
     try:
         if own.backend != "tracepoint":
             # fentry and kprobe data hooks are attached by bcc, which detaches them only all

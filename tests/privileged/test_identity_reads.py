@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from agent.ebpf.tracing import BPF_DIR, Capacities, KernelTracer, open_tracer
-from agent.model import Role, SocketSample
-from tests.support.harness import listener, recv_exact, send_exact
+from agent.model import Role
+from tests.support.harness import listener, live_by_ports, recv_exact, send_exact
 
 # (listener family and address, client family, client's own address, address it connects
 # to): the two ends' addresses differ where loopback allows it (127.0.0.0/8), so an address
@@ -43,11 +43,6 @@ def _folded(address: str) -> str:
     return address.removeprefix("::ffff:")
 
 
-def _by_ports(tracer: KernelTracer) -> dict[tuple[int, int], SocketSample]:
-    """Live sockets by (local port, remote port)."""
-    return {(sample.local.port, sample.remote.port): sample for sample in tracer.poll().live}
-
-
 @pytest.mark.parametrize("field_by_field", [False, True], ids=["one-read", "field-by-field"])
 def test_both_ends_identity_is_the_sockets_own(
     tracer: KernelTracer, backend: str, tmp_path: Path, field_by_field: bool
@@ -69,7 +64,7 @@ def test_both_ends_identity_is_the_sockets_own(
                 with server:
                     send_exact(client, 300)
                     recv_exact(server, 300)
-                    live = _by_ports(own)
+                    live = live_by_ports(own)
                     for sock, role in ((client, Role.CLIENT), (server, Role.SERVER)):
                         local, remote = sock.getsockname(), sock.getpeername()
                         sample = live[(local[1], remote[1])]

@@ -36,6 +36,12 @@ def open_test_tracer(backend: str, capacities: Capacities | None = None) -> Kern
     )
 
 
+def live_by_ports(tracer: KernelTracer) -> dict[tuple[int, int], SocketSample]:
+    """A fresh poll's live sockets by (local port, remote port): both ends of a loopback
+    connection are two keys, ``(40000, 8080)`` and ``(8080, 40000)``."""
+    return {(sample.local.port, sample.remote.port): sample for sample in tracer.poll().live}
+
+
 def tcp_info_bytes(sock: socket.socket, *, active_opener: bool) -> tuple[int, int]:
     """Payload bytes (sent and acked, received) by the kernel's own tcp_info: ground truth.
 

@@ -18,20 +18,28 @@ from bench.workloads import Moved
 MACHINE = {"nproc": 2, "memory_mib": 1024, "kernel": "6.18.0", "python": "3.11", "bcc": "0.26"}
 
 
+def _ratio_figure(
+    key: str, on: float, off: float, rounds: list[float], details: dict[str, object]
+) -> Figure:
+    """A ratio figure held to the 0.99 target: ``on``/``off`` medians, its pairs' ratios
+    ``rounds``, and ``details``."""
+    return Figure(
+        key=key,
+        title=key.split(".")[1],
+        unit="1/s",
+        method="fake",
+        on=summarise([on]),
+        off=summarise([off]),
+        ratio=summarise(rounds),
+        target=Target("ratio", ">=", 0.99, ">= 0.99"),
+        details=details,
+    )
+
+
 def _churn_figure(**details: object) -> Figure:
     """The churn figure as measure_datapath leaves it: 100 us a connection agent-off, 0.9
     kept, the 0.99 target, and ``details``."""
-    return Figure(
-        key="datapath.churn_per_s.tracepoint",
-        title="churn",
-        unit="1/s",
-        method="fake",
-        on=summarise([9000.0]),
-        off=summarise([10000.0]),  # 100 us per connection agent-off
-        ratio=summarise([0.9]),
-        target=Target("ratio", ">=", 0.99, ">= 0.99"),
-        details=dict(details),
-    )
+    return _ratio_figure("datapath.churn_per_s.tracepoint", 9000.0, 10000.0, [0.9], details)
 
 
 def test_summary_and_pairs() -> None:
@@ -570,17 +578,9 @@ def test_why_of_a_missed_ratio_tells_its_interval() -> None:
     from bench.reporting import why
 
     def iperf(low: float, high: float, rounds: list[float]) -> Figure:
-        return Figure(
-            key="datapath.iperf3_128k_gbps.tracepoint",
-            title="iperf3",
-            unit="Gbit/s",
-            method="fake",
-            on=summarise([19.0]),
-            off=summarise([20.0]),
-            ratio=summarise(rounds),
-            target=Target("ratio", ">=", 0.99, ">= 0.99"),
-            details={"interval_95": {"mean": 0.959, "low": low, "high": high, "pairs": 16}},
-        )
+        interval = {"mean": 0.959, "low": low, "high": high, "pairs": 16}
+        key = "datapath.iperf3_128k_gbps.tracepoint"
+        return _ratio_figure(key, 19.0, 20.0, rounds, {"interval_95": interval})
 
     assert why(iperf(0.921, 1.004, [0.95, 0.96, 0.97])) == (
         "the 16 pairs' geometric mean 0.959, 95 % interval 0.921-1.004, holds the bound 0.99"
